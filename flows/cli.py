@@ -1,0 +1,86 @@
+"""`pixelsim`: run the flow from a terminal or a scheduler; logs on stderr, results on stdout."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _quiet_prefect_defaults() -> None:
+    """Offline-friendly defaults a user can still override from the environment."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+
+
+def _size(text: str) -> list[int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 28x28, got {text!r}") from None
+    return [h, w]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pixelsim", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pixel-similarity flow")
+    run.add_argument("--dataset", default="mnist_sample", help="a named dataset (see `pixelsim datasets`) "
+                     "or, with --source, the name its outputs are filed under")
+    run.add_argument("--source", help="archive URL or path (any fsspec URL); never falls back")
+    run.add_argument("--root", default=os.environ.get("PIXELSIM_ROOT", "pixelsim-data"),
+                     help="storage root, a folder or fsspec URL (default: ./pixelsim-data or $PIXELSIM_ROOT)")
+    run.add_argument("--metric", choices=["l1", "rmse"], default="l1", help="headline distance (both are computed)")
+    run.add_argument("--refresh", action="store_true", help="recompute every step, ignoring cached results")
+    run.add_argument("--json", action="store_true", help="print exactly the report JSON on stdout")
+    run.add_argument("--shard-size", type=int, default=5000, help="images per Parquet shard")
+    run.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1: grayscale (luma), 3: RGB")
+    run.add_argument("--resize", type=_size, help="resize every image to HxW instead of failing on mixed sizes")
+    run.add_argument("--classes", help="comma-separated subset of class folders, e.g. 3,7")
+    run.add_argument("--train-split", help="name of the training split folder")
+    run.add_argument("--valid-split", help="name of the validation split folder")
+    run.add_argument("--device", default="cpu", help="torch device for templates and evaluation")
+    sub.add_parser("datasets", help="list the named datasets")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "datasets":
+        from flows.datasets import DATASETS
+        for d in DATASETS.values():
+            print(f"{d.name:14} {d.description}\n{'':14} {d.url}" + ("  (bundled offline copy)" if d.bundled else ""))
+        return 0
+    _quiet_prefect_defaults()
+    from flows.pixel_similarity import pixel_similarity
+    from storage.errors import PixelsimError
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    try:
+        out = pixel_similarity(dataset=args.dataset, source=args.source, root=args.root, metric=args.metric,
+                               refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
+                               resize=args.resize, classes=classes, train_split=args.train_split,
+                               valid_split=args.valid_split, device=args.device)
+    except PixelsimError as e:
+        print(f"pixelsim: error: {e}", file=sys.stderr)
+        return 1
+    rep = out["report"]
+    if args.json:
+        print(json.dumps(rep, indent=2))
+        return 0
+    reused = [k for k, v in out["cached"].items() if v]
+    m = rep["metrics"][args.metric]
+    print(f"{rep['dataset']}: {len(rep['classes'])} classes, "
+          f"{sum(rep['counts']['train'].values())} train / {sum(rep['counts']['valid'].values())} valid images")
+    print(f"source: {rep['source']['url']}" + (f" ({rep['source']['note']})" if rep["source"].get("note") else ""))
+    for c in rep["classes"]:
+        print(f"  {args.metric} accuracy on {c}: {m['per_class'][c]}")
+    print(f"  balanced (mean of classes): {m['balanced']}   overall: {m['overall']}")
+    print(f"reused cached results for {len(reused)} of {len(out['cached'])} steps"
+          + (f": {', '.join(reused)}" if reused else ""))
+    print(f"report: {rep['artifacts']['report']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The pixel-similarity flow: wiring only; every step's work lives in `tasks`."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.datasets import DATASETS
+from storage.errors import DownloadError, IntegrityError, PixelsimError
+from storage.fetch import redact
+from storage.layout import find_layout
+from storage.root import Root, verify_output
+from storage.sources import fingerprint
+from tasks.convert import convert, tree_entries
+from tasks.download import download
+from tasks.evaluate import METRICS, evaluate
+from tasks.report import render_markdown, report
+from tasks.templates import templates
+from tasks.untar import untar
+
+STEPS = ("download", "untar", "convert", "templates", "evaluate", "report")
+
+
+class Steps:
+    """Runs steps, remembering which were cache hits, and recomputes hits whose files are gone."""
+
+    def __init__(self, refresh: bool):
+        self.refresh = refresh
+        self.cached: dict[str, bool] = {}
+
+    def __call__(self, t: Any, *args: Any, **kwargs: Any) -> dict:
+        if self.refresh:
+            t = t.with_options(refresh_cache=True)
+        state = t(*args, return_state=True, **kwargs)
+        out = state.result()
+        hit = state.name == "Cached"
+        if hit:
+            try:
+                verify_output(out)
+            except IntegrityError as e:
+                get_run_logger().warning("%s: cached result no longer valid (%s); recomputing", t.name, e)
+                out = t.with_options(refresh_cache=True)(*args, **kwargs)
+                hit = False
+        self.cached[t.name] = hit
+        return out
+
+
+def artifact_key(dataset: str, what: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only; stable per dataset."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"pixelsim-{dataset}-{what}".lower()).strip("-")
+
+
+def fetch_source(run: Steps, dataset: str, source: str | None, root: str) -> tuple[dict, dict]:
+    """Download the explicit source, or the dataset's official one with the bundled copy as fallback."""
+    log = get_run_logger()
+    if source:
+        try:
+            fp = fingerprint(source)
+        except DownloadError as e:
+            log.warning("could not fingerprint %s (%s); downloading anyway", e.url, e.reason)
+            fp = {}
+        archive = run(download, source, root, {}, 4, fp)
+        return archive, {"url": archive["url"], "sha256": archive["sha256"], "bytes": archive["bytes"]}
+    if dataset not in DATASETS:
+        raise PixelsimError(f"unknown dataset {dataset!r}: pass --source, or one of {', '.join(DATASETS)}")
+    ds = DATASETS[dataset]
+    bundled = ds.bundled_path()
+    try:
+        fp = fingerprint(ds.url)
+        quick = download.with_options(retries=0) if bundled else download
+        archive = run(quick, ds.url, root, ds.pins, 2 if bundled else 4, fp)
+        return archive, {"url": archive["url"], "sha256": archive["sha256"], "bytes": archive["bytes"]}
+    except DownloadError as e:
+        if not bundled:
+            raise
+        log.warning("official source %s failed (%s): falling back to the bundled copy %s", e.url, e.reason, bundled)
+    archive = run(download, bundled, root, ds.bundled_pins, 1, fingerprint(bundled))
+    return archive, {"url": archive["url"], "sha256": archive["sha256"], "bytes": archive["bytes"],
+                     "bundled": True,
+                     "note": f"official source {redact(ds.url)} unreachable; used the bundled copy"}
+
+
+@flow(name="pixel-similarity", log_prints=False)
+def pixel_similarity(dataset: str = "mnist_sample", source: str | None = None, root: str = "pixelsim-data",
+                     metric: str = "l1", refresh: bool = False, shard_size: int = 5000, channels: int = 1,
+                     resize: list[int] | None = None, classes: list[str] | None = None,
+                     train_split: str | None = None, valid_split: str | None = None,
+                     device: str = "cpu") -> dict:
+    """Archive -> extracted tree -> shards -> templates -> predictions -> report."""
+    if metric not in METRICS:
+        raise PixelsimError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    log = get_run_logger()
+    run = Steps(refresh)
+    archive, src = fetch_source(run, dataset, source, root)
+    tree = run(untar, archive, root)
+    layout = find_layout(list(tree_entries(Root(root), tree)), train_split=train_split,
+                         valid_split=valid_split, classes=classes)
+    shards = run(convert, tree, layout.to_dict(), dataset, root, shard_size, channels, resize)
+    tmpl = run(templates, shards, root, device)
+    ev = run(evaluate, shards, tmpl, root, device)
+    rep = run(report, dataset, src, shards, tmpl, ev, metric, layout.notes, root)
+    result = rep["report"]
+    reused = [s for s in STEPS if run.cached.get(s)]
+    log.info("reused cached results for %d of %d steps%s", len(reused), len(STEPS),
+             f" ({', '.join(reused)})" if reused else "")
+    publish_artifacts(dataset, result, run.cached)
+    return {"report": result, "cached": run.cached}
+
+
+def publish_artifacts(dataset: str, report: dict, cached: dict[str, bool]) -> None:
+    """The run's summary in the Prefect UI: the Markdown report and a per-class table."""
+    steps = ", ".join(f"{s}: {'cached' if cached.get(s) else 'computed'}" for s in STEPS)
+    create_markdown_artifact(key=artifact_key(dataset, "report"),
+                             markdown=render_markdown(report) + f"\nSteps: {steps}\n",
+                             description=f"pixel-similarity report for {dataset}")
+    rows = [{"class": c, "train": report["counts"]["train"].get(c, 0), "valid": report["counts"]["valid"].get(c, 0),
+             **{f"{m} accuracy": report["metrics"][m]["per_class"][c] for m in report["metrics"]}}
+            for c in report["classes"]]
+    create_table_artifact(key=artifact_key(dataset, "accuracy"), table=rows,
+                          description=f"per-class accuracy for {dataset}")

@@ -1,0 +1,1 @@
+"""The only package that knows paths, fsspec, file formats and atomic publication."""

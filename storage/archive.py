@@ -1,0 +1,281 @@
+"""Safe extraction of untrusted dataset archives (tar, gzip/bzip2/xz tar, or zip).
+
+Archives come from the internet, so every member is treated as hostile: only regular
+files and directories are written, only inside a private temp folder, modes are never
+honoured, caps are enforced on the bytes actually produced, and the result is
+published with one rename so nobody ever sees half an extraction.
+"""
+from __future__ import annotations
+
+import bz2
+import errno
+import gzip
+import hashlib
+import lzma
+import os
+import re
+import secrets
+import shutil
+import stat
+import tarfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+from typing import IO, Any, Callable
+
+from storage.errors import ArchiveError
+
+_CHUNK = 1 << 20
+# Decompressed bytes tolerated beyond member data (headers, padding, read-ahead), so a
+# bomb hidden in a pax header, a skipped member or trailing padding cannot run away.
+_SLACK = 1 << 20
+_PER_MEMBER_SLACK = 4096
+_DRIVE = re.compile(r"^[A-Za-z]:")
+# Decode failures of the archive; write-side OSErrors never pass through _guard.
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError,
+                zipfile.BadZipFile, NotImplementedError)
+_TAR_KINDS = {tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
+              tarfile.CHRTYPE: "character device", tarfile.BLKTYPE: "block device",
+              tarfile.FIFOTYPE: "FIFO", tarfile.GNUTYPE_SPARSE: "sparse file"}
+_ZIP_KINDS = {stat.S_IFLNK: "symlink", stat.S_IFCHR: "character device",
+              stat.S_IFBLK: "block device", stat.S_IFIFO: "FIFO", stat.S_IFSOCK: "socket"}
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Limits that bound the disk, inodes and time one archive may cost."""
+
+    max_members: int = 2_000_000  # every entry counts: files, dirs and skipped junk
+    max_total_bytes: int = 20 * 2**30  # sum of uncompressed member sizes
+    max_member_bytes: int = 2**30
+
+
+@dataclass(frozen=True)
+class Member:
+    """One extracted regular file, hashed as written so callers need not re-read it."""
+
+    path: str  # POSIX relative path inside the extraction folder
+    size: int
+    sha256: str
+
+
+def _guard(archive: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a reading function, reporting decode failures as one ArchiveError."""
+    try:
+        return fn(*args)
+    except _READ_ERRORS as e:
+        raise ArchiveError(f"{archive}: corrupt or truncated archive: {e}") from e
+
+
+def _normalise(name: str) -> str:
+    """Reduce a member name to a relative POSIX path, or say why it is unsafe."""
+    if not name:
+        raise ValueError("empty name")
+    if "\0" in name:
+        raise ValueError("NUL byte in name")
+    if "\\" in name:
+        raise ValueError("backslash in name")
+    if name.startswith("/") or _DRIVE.match(name):
+        raise ValueError("absolute path")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise ValueError("'..' component")
+    return "/".join(parts)
+
+
+class _Source:
+    """The decompressed tar stream, with a byte budget and a record of trailing data."""
+
+    def __init__(self, raw: IO[bytes], archive: str):
+        self.raw, self.archive = raw, archive
+        self.total = 0
+        self.allowed = _SLACK
+        self.data_end = 0  # offset just past the last non-zero byte seen
+
+    def read(self, n: int) -> bytes:
+        data = _guard(self.archive, self.raw.read, n)
+        kept = len(data.rstrip(b"\0"))
+        if kept:
+            self.data_end = self.total + kept
+        self.total += len(data)
+        if self.total > self.allowed:
+            raise ArchiveError(f"{self.archive}: decompresses to more than its members declare")
+        return data
+
+
+class _Writer:
+    """Creates members under the temp root, enforcing caps and path rules."""
+
+    def __init__(self, archive: str, root: str, caps: Caps):
+        self.archive, self.root, self.caps = archive, root, caps
+        self.count = self.total = 0
+        self.seen: set[str] = set()
+        self.members: list[Member] = []
+
+    def refuse(self, name: str, why: str) -> ArchiveError:
+        return ArchiveError(f"{self.archive}: member {name!r}: {why}")
+
+    def admit(self, name: str, kind: str, size: int) -> str | None:
+        """Check one entry; return its path, or None when it is to be skipped."""
+        self.count += 1
+        if self.count > self.caps.max_members:
+            raise self.refuse(name, f"archive has more than {self.caps.max_members} members")
+        if kind not in ("file", "dir"):
+            raise self.refuse(name, f"{kind}s are not allowed")
+        try:
+            path = _normalise(name)
+        except ValueError as e:
+            raise self.refuse(name, str(e)) from None
+        if kind == "file":
+            if size > self.caps.max_member_bytes:
+                raise self.refuse(name, f"{size} bytes is over the {self.caps.max_member_bytes}-byte member cap")
+            self._count_bytes(name, size, 0)
+        parts = path.split("/")
+        if any(p == "__MACOSX" or p.startswith("._") for p in parts) or parts[-1] == ".DS_Store":
+            self.total += size if kind == "file" else 0  # its bytes are still decompressed
+            return None
+        if not path:
+            if kind == "dir":
+                return None
+            raise self.refuse(name, "empty name")
+        if path in self.seen:
+            raise self.refuse(name, "duplicate member")
+        self.seen.add(path)
+        return path
+
+    def _count_bytes(self, name: str, more: int, done: int) -> None:
+        if self.total + more > self.caps.max_total_bytes:
+            raise self.refuse(name, f"archive holds more than {self.caps.max_total_bytes} bytes")
+        if done > self.caps.max_member_bytes:
+            raise self.refuse(name, f"over the {self.caps.max_member_bytes}-byte member cap")
+
+    def _create(self, name: str, make: Callable[[], Any]) -> Any:
+        """Run a filesystem call, naming the member when it clashes with another."""
+        try:
+            return make()
+        except (FileExistsError, NotADirectoryError, IsADirectoryError):
+            raise self.refuse(name, "clashes with an earlier member") from None
+        except OSError as e:
+            if e.errno == errno.ENAMETOOLONG:
+                raise self.refuse(name, "name too long") from None
+            raise
+
+    def mkdir(self, name: str, path: str) -> None:
+        self._create(name, lambda: os.makedirs(os.path.join(self.root, path), 0o755, exist_ok=True))
+
+    def file(self, name: str, path: str, read: Callable[[int], bytes]) -> None:
+        """Copy one file, hashing and counting the bytes actually produced."""
+        full = os.path.join(self.root, path)
+        self._create(name, lambda: os.makedirs(os.path.dirname(full), 0o755, exist_ok=True))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = self._create(name, lambda: os.open(full, flags, 0o644))
+        digest, size = hashlib.sha256(), 0
+        with os.fdopen(fd, "wb") as out:
+            while chunk := read(_CHUNK):
+                size += len(chunk)
+                self._count_bytes(name, len(chunk), size)
+                self.total += len(chunk)
+                digest.update(chunk)
+                out.write(chunk)
+        self.members.append(Member(path, size, digest.hexdigest()))
+
+
+def _tar(raw: IO[bytes], w: _Writer) -> None:
+    """Stream a tar, then read to EOF so the compressor checks its CRC and length."""
+    a = w.archive
+    src = _Source(raw, a)
+    with _guard(a, tarfile.open, None, "r|", src, 1 << 16) as tf:
+        while (ti := _guard(a, tf.next)) is not None:
+            if ti.isdir():
+                kind = "dir"
+            elif ti.isreg() and not ti.sparse:
+                kind = "file"
+            else:
+                kind = _TAR_KINDS.get(ti.type, f"entries of type {ti.type!r}")
+            path = w.admit(ti.name, kind, ti.size)
+            src.allowed += (ti.size if kind == "file" else 0) + _PER_MEMBER_SLACK
+            if path is None:
+                continue
+            if kind == "dir":
+                w.mkdir(ti.name, path)
+            else:
+                f = _guard(a, tf.extractfile, ti)
+                w.file(ti.name, path, lambda n: _guard(a, f.read, n))
+        end = tf.offset  # where the end-of-archive marker must start
+        while src.read(_CHUNK):
+            pass
+    # tarfile silently stops at a bad or missing header after the first member.
+    if src.data_end > end or src.total < end + tarfile.BLOCKSIZE:
+        raise ArchiveError(f"{a}: corrupt or truncated archive: bad or missing end-of-archive marker")
+
+
+def _zip(raw: IO[bytes], w: _Writer) -> None:
+    """Extract a zip; reading each member to its end makes zipfile check its CRC."""
+    a = w.archive
+    with _guard(a, zipfile.ZipFile, raw) as zf:
+        for info in zf.infolist():
+            ftype = stat.S_IFMT(info.external_attr >> 16)
+            if ftype and ftype not in (stat.S_IFREG, stat.S_IFDIR):
+                kind = _ZIP_KINDS.get(ftype, f"entries of mode {ftype:o}")
+            elif info.flag_bits & 0x1:
+                kind = "encrypted file"
+            else:
+                kind = "dir" if info.is_dir() else "file"
+            path = w.admit(info.filename, kind, info.file_size)
+            if path is None:
+                continue
+            if kind == "dir":
+                w.mkdir(info.filename, path)
+            else:
+                with _guard(a, zf.open, info) as f:
+                    w.file(info.filename, path, lambda n: _guard(a, f.read, n))
+
+
+def _decompressor(raw: IO[bytes], head: bytes, archive: str) -> IO[bytes]:
+    """Pick the stream by magic bytes: names lie, and we own CRC checking."""
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    try:
+        if head != bytes(tarfile.BLOCKSIZE):  # an all-zero block is an empty tar
+            tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+        return raw
+    except tarfile.HeaderError:
+        raise ArchiveError(f"{archive}: not a tar, compressed tar or zip archive") from None
+
+
+def extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *,
+            caps: Caps = Caps()) -> list[Member]:
+    """Extract into `dest`, all or nothing; return the regular files sorted by path.
+
+    If `dest` appears meanwhile (a concurrent run won), ours is discarded and the
+    members are returned anyway so the caller can verify what is there.
+    """
+    archive, dest = os.fspath(archive), os.path.abspath(dest)
+    with open(archive, "rb") as raw:
+        head = raw.read(tarfile.BLOCKSIZE)
+        raw.seek(0)
+        is_zip = head.startswith(b"PK\x03\x04")
+        stream = None if is_zip else _decompressor(raw, head, archive)
+        tmp: str | None = f"{dest}.tmp-{secrets.token_hex(8)}"
+        os.mkdir(tmp, 0o755)
+        try:
+            w = _Writer(archive, tmp, caps)
+            if stream is None:
+                _zip(raw, w)
+            else:
+                _tar(stream, w)
+            if not os.path.lexists(dest):
+                try:
+                    os.rename(tmp, dest)
+                    tmp = None
+                except OSError:
+                    if not os.path.lexists(dest):
+                        raise
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(w.members, key=lambda m: m.path)

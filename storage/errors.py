@@ -1,0 +1,46 @@
+"""Typed errors: the flow retries TransientError and fails fast on the rest.
+
+Every message names the file, member or URL at fault so a user can act on it.
+"""
+from __future__ import annotations
+
+
+class PixelsimError(Exception):
+    """A permanent, user-facing failure: retrying will not help."""
+
+
+class TransientError(PixelsimError):
+    """A failure that may succeed on retry (timeouts, 5xx, a body cut short)."""
+
+
+class DownloadError(PixelsimError):
+    """A source could not be fetched; names the URL and the cause."""
+
+    def __init__(self, url: str, reason: str):
+        self.url = url
+        self.reason = reason
+        super().__init__(f"{url}: {reason}")
+
+
+class TransientDownloadError(DownloadError, TransientError):
+    """A download failure worth retrying."""
+
+
+class ChecksumError(DownloadError):
+    """The bytes fetched are not the bytes pinned."""
+
+
+class ArchiveError(PixelsimError):
+    """An archive is corrupt, unsafe or over its caps; names the member."""
+
+
+class ImageError(PixelsimError):
+    """A file is not a readable image of the expected kind; names the file."""
+
+
+class LayoutError(PixelsimError):
+    """The dataset tree is not <split>/<class>/<image> as expected."""
+
+
+class IntegrityError(PixelsimError):
+    """A stored artifact does not match its manifest."""

@@ -1,0 +1,322 @@
+"""Fetch one file from a URL to a local path, verified and atomically published.
+
+A download is either complete and verified under `dest`, or absent: bytes go to a
+sibling `.part-*` file that is fsynced, checked against the pins, then renamed.
+"""
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import hashlib
+import logging
+import os
+import random
+import re
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import BinaryIO
+from urllib.parse import unquote_plus, urljoin, urlsplit, urlunsplit
+
+import fsspec
+import httpx
+
+from storage.errors import ChecksumError, DownloadError, TransientDownloadError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 2**20
+HEAD = 2**20  # fastai pins archives by the md5 of their first MiB
+MAX_REDIRECTS = 10
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
+ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip", ".gz", ".bz2", ".xz")
+_SECRET = re.compile(
+    r"^x-(amz|goog)-|token|secret|passw|signature|credential|apikey|accesskey"
+    r"|(^|[_.-])(sig|key|auth|pwd)$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What the bytes must be; a field left as None is not checked."""
+
+    size: int | None = None
+    sha256: str | None = None
+    md5_head: str | None = None
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """What was written; `url` is redacted so it can be logged and cached."""
+
+    url: str
+    path: str
+    size: int
+    sha256: str
+    md5_head: str
+
+
+class _Retry(TransientDownloadError):
+    """Carries a server's Retry-After so the loop can honour it."""
+
+    def __init__(self, url: str, reason: str, retry_after: float | None = None):
+        super().__init__(url, reason)
+        self.retry_after = retry_after
+
+
+def redact(url: str) -> str:
+    """Drop userinfo and mask secret-looking query values so URLs are safe to show."""
+    parts = urlsplit(url)
+    if not parts.netloc and not parts.query:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "&".join(
+        f"{name}=***" if _SECRET.search(unquote_plus(name)) else f"{name}{sep}{value}"
+        for name, sep, value in (p.partition("=") for p in parts.query.split("&"))
+    ) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _scrub(text: str, url: str) -> str:
+    """Library messages may echo the raw URL or its secrets; mask them."""
+    parts = urlsplit(url)
+    text = text.replace(url, redact(url))
+    hidden = [parts.password or ""]
+    if parts.username and parts.username != parts.password:
+        hidden.append(parts.username)
+    for name, _, value in (p.partition("=") for p in parts.query.split("&")):
+        if _SECRET.search(unquote_plus(name)):
+            hidden += [value, unquote_plus(value)]
+    for secret in sorted(filter(None, hidden), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _cause(exc: BaseException, url: str) -> str:
+    return _scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__, url)
+
+
+def redirect_target(chain: Sequence[str], location: str, max_redirects: int = MAX_REDIRECTS) -> str:
+    """Decide where a redirect may go: loops, downgrades and odd schemes never help."""
+    origin, current = chain[0], chain[-1]
+    target = urljoin(current, location.strip())
+    src, dst = urlsplit(current).scheme.lower(), urlsplit(target).scheme.lower()
+    if dst not in ("http", "https"):
+        raise DownloadError(redact(origin), f"redirect to unsupported scheme {redact(target)!r}")
+    if src == "https" and dst == "http":
+        raise DownloadError(redact(origin), f"refusing https->http downgrade redirect to {redact(target)}")
+    if target in chain:
+        raise DownloadError(redact(origin), f"redirect loop via {redact(target)}")
+    if len(chain) > max_redirects:
+        raise DownloadError(redact(origin), f"too many redirects (more than {max_redirects})")
+    return target
+
+
+def retry_after(value: str | None, cap: float) -> float | None:
+    """Parse Retry-After (seconds or HTTP date); a server may not park us past `cap`."""
+    if not value:
+        return None
+    try:
+        delay = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        delay = when.timestamp() - time.time()
+    return min(max(delay, 0.0), cap)
+
+
+class _Part:
+    """The partial file plus hashes that always describe exactly its bytes, so resume is free."""
+
+    def __init__(self, fh: BinaryIO, url: str, pins: Pins):
+        self.fh, self.url, self.pins = fh, url, pins
+        self.reset()
+
+    def reset(self) -> None:
+        self.fh.seek(0)
+        self.fh.truncate()
+        self.n = 0
+        self.sha = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    def write(self, chunk: bytes) -> None:
+        size = self.pins.size
+        if size is not None and self.n + len(chunk) > size:
+            raise ChecksumError(self.url, f"body larger than pinned size: expected {size} bytes, got more")
+        if self.n < HEAD:
+            self.md5.update(chunk[: HEAD - self.n])
+        self.sha.update(chunk)
+        self.fh.write(chunk)
+        self.n += len(chunk)
+
+
+def _content_range(value: str | None) -> tuple[int, int | None] | None:
+    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
+    return (int(m[1]), None if m[3] == "*" else int(m[3])) if m else None
+
+
+def _looks_like_archive(url: str, pins: Pins) -> bool:
+    return pins != Pins() or urlsplit(url).path.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: float,
+                  headers: dict[str, str]) -> None:
+    shown = redact(url)
+    chain = [url]
+    while True:
+        # identity + iter_raw: pins describe the stored bytes, and servers often
+        # label a .tgz as Content-Encoding: gzip, which httpx would then inflate.
+        hdrs = {**headers, "Accept-Encoding": "identity"}
+        if part.n:
+            hdrs["Range"] = f"bytes={part.n}-"
+        with client.stream("GET", chain[-1], headers=hdrs) as r:
+            status = r.status_code
+            if status in REDIRECT_STATUS and "location" in r.headers:
+                chain.append(redirect_target(chain, r.headers["location"]))
+                continue
+            if status in TRANSIENT_STATUS:
+                raise _Retry(shown, f"HTTP {status} {r.reason_phrase}",
+                             retry_after(r.headers.get("retry-after"), cap))
+            if status == 416 and part.n:
+                if r.headers.get("content-range", "").rpartition("/")[2].strip() == str(part.n):
+                    return  # we already hold every byte
+                part.reset()
+                raise _Retry(shown, "HTTP 416 on resume; restarting from zero")
+            if status not in (200, 206):
+                raise DownloadError(shown, f"HTTP {status} {r.reason_phrase}")
+            length = r.headers.get("content-length")
+            length_n = int(length) if length and length.isdigit() else None
+            rng = _content_range(r.headers.get("content-range"))
+            if status == 206:
+                if rng is None or rng[0] != part.n:
+                    part.reset()
+                    raise _Retry(shown, f"bad Content-Range {r.headers.get('content-range')!r} "
+                                        f"for a resume at byte {part.n}; restarting from zero")
+                total = rng[1] if rng[1] is not None else (
+                    part.n + length_n if length_n is not None else None)
+            else:
+                if part.n:
+                    log.info("%s ignored Range; restarting from zero", shown)
+                    part.reset()
+                total = length_n
+            ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype == "text/html" and _looks_like_archive(chain[-1], pins):
+                raise DownloadError(shown, "server returned an HTML page instead of the file "
+                                           "(login wall, error page or moved dataset?)")
+            if pins.size is not None and total is not None and total != pins.size:
+                raise ChecksumError(shown, f"size mismatch: expected {pins.size} bytes, "
+                                           f"server announces {total}")
+            for chunk in r.iter_raw():  # unchunked: a chunker would drop buffered bytes on error
+                part.write(chunk)
+            if total is not None and part.n < total:
+                raise _Retry(shown, f"body cut short: got {part.n} of {total} bytes")
+            return
+
+
+def _fsspec_attempt(url: str, part: _Part, storage_options: dict) -> None:
+    part.reset()  # generic filesystems give no portable resume
+    try:
+        with fsspec.open(url, "rb", **storage_options) as src:
+            while chunk := src.read(CHUNK):
+                part.write(chunk)
+    except (TimeoutError, ConnectionError) as exc:
+        raise _Retry(redact(url), _cause(exc, url)) from exc
+    except (OSError, ValueError, ImportError) as exc:
+        raise DownloadError(redact(url), _cause(exc, url)) from exc
+
+
+def _attempt(client: httpx.Client | None, url: str, part: _Part, pins: Pins, cap: float,
+             opts: dict) -> None:
+    """One try; maps library errors onto transient vs permanent."""
+    if client is None:
+        return _fsspec_attempt(url, part, opts)
+    try:
+        _http_attempt(client, url, part, pins, cap, opts.get("headers", {}))
+    except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError,
+            httpx.ProxyError) as exc:
+        raise _Retry(redact(url), _cause(exc, url)) from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise DownloadError(redact(url), _cause(exc, url)) from exc
+
+
+def _verify(shown: str, part: _Part, pins: Pins) -> None:
+    got = {"size": part.n, "md5_head": part.md5.hexdigest(), "sha256": part.sha.hexdigest()}
+    for field in ("size", "md5_head", "sha256"):
+        want = getattr(pins, field)
+        if isinstance(want, str):
+            want = want.strip().lower()
+        if want is not None and want != got[field]:
+            raise ChecksumError(shown, f"{field} mismatch: expected {want}, got {got[field]}")
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # not supported here (e.g. Windows); the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fetch(url: str, dest: str | os.PathLike[str], *, pins: Pins | None = None, attempts: int = 5,
+          backoff: float = 0.5, max_backoff: float = 30.0, timeout: float = 30.0,
+          storage_options: dict | None = None,
+          sleep: Callable[[float], object] = time.sleep) -> Fetched:
+    """Download `url` to `dest`, retrying transient failures and resuming where the server allows.
+
+    For http(s), `storage_options["headers"]` are sent with each request; for other
+    schemes `storage_options` go to `fsspec.open`.
+    """
+    if attempts < 1:
+        raise ValueError("attempts must be >= 1")
+    pins = pins or Pins()
+    opts = dict(storage_options or {})
+    dest = os.fspath(dest)
+    shown = redact(url)
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = f"{dest}.part-{secrets.token_hex(6)}"
+    # os.open rather than mkstemp: mkstemp's 0600 would leak onto the published file
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    is_http = urlsplit(url).scheme.lower() in ("http", "https")
+    try:
+        with os.fdopen(fd, "wb+") as fh:
+            part = _Part(fh, shown, pins)
+            client = httpx.Client(timeout=timeout, follow_redirects=False) if is_http else None
+            with client or contextlib.nullcontext():
+                for i in range(attempts):
+                    try:
+                        _attempt(client, url, part, pins, max_backoff, opts)
+                        break
+                    except _Retry as exc:
+                        if i + 1 == attempts:
+                            raise TransientDownloadError(
+                                shown, f"gave up after {attempts} attempt(s); last error: {exc.reason}") from exc
+                        delay = exc.retry_after
+                        if delay is None:
+                            delay = random.uniform(0, min(max_backoff, backoff * 2**i))
+                        log.warning("fetch %s failed (attempt %d/%d): %s; retrying in %.2fs",
+                                    shown, i + 1, attempts, exc.reason, delay)
+                        sleep(delay)
+            fh.flush()
+            os.fsync(fh.fileno())
+            _verify(shown, part, pins)
+            result = Fetched(shown, dest, part.n, part.sha.hexdigest(), part.md5.hexdigest())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(parent)
+    return result

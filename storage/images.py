@@ -1,0 +1,190 @@
+"""Decode untrusted PNG/JPEG bytes into uint8 arrays, fast.
+
+The hot path is hundreds of thousands of tiny 8-bit PNGs, so those go through
+pyspng (libspng, ~8x Pillow) when it is installed; everything else goes through
+Pillow. libspng is run with CRC checks off, and Pillow never checks IDAT CRCs
+either, so every PNG's chunk CRCs are verified here first: a flipped bit is an
+error on both paths, never silently wrong pixels.
+
+Mode rules (result is (H, W) for channels=1, (H, W, 3) for channels=3):
+
+=====================  ==========================  ==========================
+source mode            channels=1                  channels=3
+=====================  ==========================  ==========================
+L                      as is                       replicated to 3 channels
+1                      0 / 255                     replicated
+I;16, I;16B, I         round(v * 255 / 65535)      replicated
+LA, La                 alpha dropped               alpha dropped, replicated
+P (palette)            via its RGB(A) palette, then as RGB / RGBA
+RGB                    Pillow convert("L") luma    as is
+RGBA                   luma of RGB, alpha ignored  alpha ignored (not composited)
+CMYK, YCbCr, other     Pillow convert("RGB"), then as RGB
+=====================  ==========================  ==========================
+"""
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+import zlib
+
+import numpy as np
+from PIL import Image, ImageFile
+
+from storage.errors import ImageError
+
+try:  # optional accelerator; Pillow handles everything without it
+    import pyspng as _spng
+except Exception:  # noqa: BLE001 - a broken build must not break decoding
+    _spng = None
+
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+MAX_PIXELS = 64 * 1024 * 1024
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_SPNG_CHANNELS = {0: 1, 2: 3, 6: 4}  # PNG colour type -> channels, 8-bit only
+
+
+def decoder_name() -> str:
+    """Which library the PNG fast path uses in this environment."""
+    return "pyspng" if _spng is not None else "pillow"
+
+
+def _sniff(data: bytes) -> str | None:
+    if data.startswith(_PNG_MAGIC):
+        return "PNG"
+    if data.startswith(_JPEG_MAGIC):
+        return "JPEG"
+    return None
+
+
+def _check_png(data: bytes, name: str) -> tuple[int, int, int, int, bool]:
+    """Walk every chunk verifying its CRC; return (w, h, depth, colour type, animated).
+
+    Catches truncation and bit flips that libspng (CRC checks off) and Pillow
+    (skips IDAT CRCs, stops inflating before the Adler-32) would let through.
+    """
+    n, pos, header, animated = len(data), 8, None, False
+    while True:
+        if pos + 12 > n:
+            raise ImageError(f"{name}: truncated PNG (file ends before the IEND chunk)")
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 12 + length
+        kind = data[pos + 4:pos + 8]
+        if end > n:
+            raise ImageError(f"{name}: truncated PNG ({kind!r} chunk runs past the end of the file)")
+        if zlib.crc32(data[pos + 4:end - 4]) != int.from_bytes(data[end - 4:end], "big"):
+            raise ImageError(f"{name}: corrupt PNG ({kind!r} chunk fails its CRC check)")
+        if header is None:
+            if kind != b"IHDR" or length != 13:
+                raise ImageError(f"{name}: corrupt PNG (first chunk is not a valid IHDR)")
+            header = struct.unpack(">IIBB", data[pos + 8:pos + 18])
+            if header[0] * header[1] > MAX_PIXELS:
+                raise ImageError(f"{name}: {header[0]}x{header[1]} pixels exceeds the cap of "
+                                 f"{MAX_PIXELS} (decompression bomb?)")
+        elif kind == b"acTL":
+            animated = True
+        elif kind == b"IEND":
+            return (*header, animated)
+        pos = end
+
+
+def _spng_decode(data: bytes, w: int, h: int, depth: int, ctype: int) -> np.ndarray | None:
+    """libspng for the shapes it is verified identical to Pillow on; None = use Pillow."""
+    nc = _SPNG_CHANNELS.get(ctype)
+    if _spng is None or depth != 8 or nc is None:
+        return None
+    try:
+        arr = _spng.load(data)
+    except Exception:  # noqa: BLE001 - Pillow gives the authoritative error
+        return None
+    if arr.dtype != np.uint8 or arr.shape != ((h, w) if nc == 1 else (h, w, nc)):
+        return None
+    return arr
+
+
+def _pillow_decode(data: bytes, name: str, fmt: str) -> np.ndarray:
+    """Fully decode with Pillow into uint8 L (H, W), RGB or RGBA (H, W, C)."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone flipped it globally: refuse partial pixels
+        raise ImageError(f"{name}: refusing to decode while PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # DecompressionBombWarning & co. become errors
+            im = Image.open(io.BytesIO(data), formats=[fmt])
+            if im.width * im.height > MAX_PIXELS:
+                raise ImageError(f"{name}: {im.width}x{im.height} pixels exceeds the cap of "
+                                 f"{MAX_PIXELS} (decompression bomb?)")
+            if getattr(im, "n_frames", 1) > 1:
+                raise ImageError(f"{name}: has {im.n_frames} frames; only single-frame images are supported")
+            im.load()  # Pillow opens lazily: force the whole decode inside the try
+            mode = im.mode
+            if mode == "P":
+                rgba = "transparency" in im.info or (im.palette is not None and im.palette.mode == "RGBA")
+                im, mode = im.convert("RGBA" if rgba else "RGB"), "RGB"
+            if mode in ("L", "RGB", "RGBA"):
+                return np.array(im)
+            if mode == "1":
+                return np.array(im.convert("L"))
+            if mode in ("LA", "La"):
+                return np.array(im.getchannel(0))
+            if mode in ("I;16", "I;16L", "I;16B", "I"):
+                v = np.asarray(im).astype(np.int64)
+                if v.size and (v.min() < 0 or v.max() > 65535):
+                    raise ImageError(f"{name}: mode {mode} values outside 0..65535")
+                return ((v + 128) // 257).astype(np.uint8)  # = round(v * 255 / 65535), no ties
+            return np.array(im.convert("RGB"))
+    except ImageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad input
+        raise ImageError(f"{name}: cannot decode {fmt}: {type(e).__name__}: {e}") from e
+
+
+def decode(data: bytes, name: str, *, channels: int = 1, size: tuple[int, int] | None = None,
+           resize: bool = False) -> np.ndarray:
+    """Decode one image file's bytes into a C-contiguous uint8 array (see module table).
+
+    ``size`` is (H, W); a mismatch is an ImageError unless ``resize`` (bilinear).
+    """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    suffix = os.path.splitext(name)[1].lower()
+    fmt = IMAGE_SUFFIXES.get(suffix)
+    if fmt is None:
+        raise ImageError(f"{name}: unknown image extension {suffix or '(none)'!r}; "
+                         f"expected one of {sorted(IMAGE_SUFFIXES)}")
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    actual = _sniff(data)
+    if actual is None:
+        raise ImageError(f"{name}: not a PNG or JPEG image (unrecognised leading bytes {data[:8]!r})")
+    if actual != fmt:
+        raise ImageError(f"{name}: content is {actual} but extension says {fmt}")
+    arr = None
+    if fmt == "PNG":
+        w, h, depth, ctype, animated = _check_png(data, name)
+        if not animated:  # Pillow reports the frame count
+            arr = _spng_decode(data, w, h, depth, ctype)
+    if arr is None:
+        arr = _pillow_decode(data, name, fmt)
+    if arr.ndim == 3:
+        rgb = arr[:, :, :3]  # alpha ignored, not composited
+        arr = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("L")) if channels == 1 else rgb
+    elif channels == 3:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if size is not None and arr.shape[:2] != tuple(size):
+        if not resize:
+            raise ImageError(f"{name}: expected size {size[0]}x{size[1]} (HxW), "
+                             f"got {arr.shape[0]}x{arr.shape[1]}")
+        arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).resize(
+            (size[1], size[0]), Image.Resampling.BILINEAR))
+    return np.require(arr, np.uint8, ["C_CONTIGUOUS", "WRITEABLE"])
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes for a uint8 (H, W) or (H, W, 3) array, e.g. template images."""
+    if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        raise ValueError(f"encode_png needs uint8 (H, W) or (H, W, 3), got {array.dtype} {array.shape}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return buf.getvalue()

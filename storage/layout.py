@@ -1,0 +1,127 @@
+"""Find `<split>/<class>/<image>` in an extracted tree, whatever the archive wraps it in."""
+from __future__ import annotations
+
+import posixpath
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from storage.errors import LayoutError
+
+TRAIN_NAMES = ("train", "training")
+VALID_NAMES = ("valid", "validation", "test", "testing")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort "10" after "9" so class and file order reads the way people number things."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+@dataclass(frozen=True)
+class Layout:
+    base: str                     # folder (relative to the tree) holding the split folders
+    train: str                    # split folder names under base
+    valid: str
+    classes: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"base": self.base, "train": self.train, "valid": self.valid,
+                "classes": list(self.classes), "notes": list(self.notes)}
+
+
+def _hidden(path: str) -> bool:
+    return any(p.startswith(".") or p == "__MACOSX" for p in path.split("/"))
+
+
+def _index(paths: list[str]) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+    """Child folders and direct files of every folder."""
+    dirs: dict[str, set[str]] = defaultdict(set)
+    files: dict[str, list[str]] = defaultdict(list)
+    for p in paths:
+        parent, name = posixpath.split(p)
+        files[parent].append(name)
+        while parent:
+            up, leaf = posixpath.split(parent)
+            dirs[up].add(leaf)
+            parent = up
+    return dirs, files
+
+
+def _class_folders(dirs: dict[str, set[str]], split: str) -> list[str]:
+    return sorted(dirs.get(split, ()), key=natural_key)
+
+
+def find_layout(paths: list[str], *, train_split: str | None = None, valid_split: str | None = None,
+                classes: list[str] | None = None) -> Layout:
+    """Locate the splits and classes; explicit split names win over the usual ones."""
+    paths = [p for p in paths if not _hidden(p)]
+    dirs, files = _index(paths)
+    train_names = (train_split,) if train_split else TRAIN_NAMES
+    base = None
+    for folder in sorted(dirs, key=lambda d: (d.count("/") + bool(d), d)):
+        if any(n in dirs[folder] for n in train_names):
+            base = folder
+            break
+    if base is None:
+        raise LayoutError(f"no training split folder found (looked for {', '.join(train_names)}/); "
+                          "expected <split>/<class>/<image>, or pass --train-split")
+    join = lambda *p: posixpath.join(*[x for x in p if x])  # noqa: E731
+    train = next(n for n in train_names if n in dirs[base])
+    notes: list[str] = []
+    valid = None
+    for name in (valid_split,) if valid_split else VALID_NAMES:
+        if name not in dirs[base]:
+            continue
+        if _class_folders(dirs, join(base, name)):
+            valid = valid or name
+            if valid != name:
+                notes.append(f"split folder {name}/ not used for evaluation ({valid}/ was)")
+        else:
+            notes.append(f"split folder {name}/ ignored: it has no class folders (unlabeled)")
+    if valid is None:
+        wanted = valid_split or "/".join(VALID_NAMES)
+        raise LayoutError(f"no labeled validation split folder ({wanted}) beside {join(base, train)}/")
+    for other in sorted(dirs[base] - {train, valid} - set(VALID_NAMES)):
+        notes.append(f"folder {other}/ ignored: not a split")
+
+    def images(split: str, cls: str) -> int:
+        prefix = join(base, split, cls) + "/"
+        return sum(1 for p in paths if p.startswith(prefix))
+
+    train_classes = [c for c in _class_folders(dirs, join(base, train))]
+    empty = [c for c in train_classes if images(train, c) == 0]
+    for c in empty:
+        notes.append(f"class folder {join(base, train, c)}/ ignored: it holds no files")
+    train_classes = [c for c in train_classes if c not in empty]
+    if classes:
+        unknown = [c for c in classes if c not in train_classes]
+        if unknown:
+            raise LayoutError(f"--classes {','.join(unknown)}: no such class folder in {join(base, train)}/ "
+                              f"(found {', '.join(train_classes)})")
+        train_classes = sorted(classes, key=natural_key)
+    if len(train_classes) < 2:
+        raise LayoutError(f"{join(base, train)}/ needs at least two class folders with images, found {train_classes}")
+    valid_classes = [c for c in _class_folders(dirs, join(base, valid)) if images(valid, c)]
+    missing = [c for c in valid_classes if c not in train_classes and not classes]
+    if missing:
+        raise LayoutError(f"validation class folder(s) {', '.join(join(base, valid, c) + '/' for c in missing)} "
+                          f"have no training images, so no template")
+    for name in files.get(join(base, train), []) + files.get(join(base, valid), []):
+        notes.append(f"file {name} beside the class folders ignored")
+    return Layout(base=base, train=train, valid=valid, classes=train_classes, notes=notes)
+
+
+def split_files(paths: list[str], layout: Layout, split: str) -> list[tuple[str, int]]:
+    """(path, class index) of every file under the split's class folders, in a fixed order."""
+    folder = posixpath.join(layout.base, split) if layout.base else split
+    index = {c: i for i, c in enumerate(layout.classes)}
+    out = []
+    for p in paths:
+        if _hidden(p) or not p.startswith(folder + "/"):
+            continue
+        parts = p[len(folder) + 1:].split("/")
+        if len(parts) >= 2 and parts[0] in index:
+            out.append((p, index[parts[0]]))
+    out.sort(key=lambda t: (t[1], natural_key(t[0])))
+    return out

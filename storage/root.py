@@ -1,0 +1,250 @@
+"""The storage root: one fsspec location holding every artifact, published atomically.
+
+Readers trust only what a `manifest.json` lists: each artifact folder is written under
+a temporary name, its manifest last, and then renamed into place.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from storage.errors import IntegrityError
+
+MANIFEST = "manifest.json"
+CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def digest_json(obj: Any) -> str:
+    """A stable digest of JSON-able data, used for cache keys and folder names."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+class Root:
+    """A storage root URL (local folder by default, any fsspec URL otherwise)."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self.fs, base = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self.base = os.path.abspath(base) if self.local else base.rstrip("/")
+
+    # -- paths -----------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        return posixpath.join(self.base, rel) if rel else self.base
+
+    def uri(self, rel: str) -> str:
+        """A full address a person or an analytics tool can open."""
+        full = self.path(rel)
+        return full if self.local else self.fs.unstrip_protocol(full)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    # -- files -----------------------------------------------------------------
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def open(self, rel: str, mode: str = "rb") -> BinaryIO:
+        return self.fs.open(self.path(rel), mode)
+
+    def sha256(self, rel: str) -> tuple[str, int]:
+        h, n = hashlib.sha256(), 0
+        with self.open(rel) as f:
+            while block := f.read(CHUNK):
+                h.update(block)
+                n += len(block)
+        return h.hexdigest(), n
+
+    def remove(self, rel: str) -> None:
+        full = self.path(rel)
+        if self.local:
+            if os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+            elif os.path.lexists(full):
+                os.remove(full)
+        elif self.fs.exists(full):
+            self.fs.rm(full, recursive=True)
+
+    @contextlib.contextmanager
+    def local_file(self, rel: str) -> Iterator[str]:
+        """A local path to read `rel` from: itself when local, a temporary copy otherwise."""
+        if self.local:
+            yield self.path(rel)
+            return
+        with tempfile.TemporaryDirectory(prefix="pixelsim-") as tmp:
+            dest = os.path.join(tmp, posixpath.basename(rel))
+            self.fs.get(self.path(rel), dest)
+            yield dest
+
+    # -- atomic publication ----------------------------------------------------
+    @contextlib.contextmanager
+    def publish_dir(self, rel: str) -> Iterator["Staging"]:
+        """Stage a folder and rename it onto `rel` only if the block succeeds.
+
+        An existing folder at `rel` (stale or corrupt) is replaced; on failure nothing
+        under `rel` changes and the staging folder is removed.
+        """
+        if self.local:
+            tmp_root = self.path(f"{rel}.tmp-{uuid.uuid4().hex[:12]}")
+            os.makedirs(tmp_root)
+            staging = Staging(tmp_root)
+            try:
+                yield staging
+                staging.write_manifest()
+                self._swap_local(tmp_root, self.path(rel))
+            finally:
+                shutil.rmtree(tmp_root, ignore_errors=True)
+            return
+        with tempfile.TemporaryDirectory(prefix="pixelsim-") as tmp_root:
+            staging = Staging(tmp_root)
+            yield staging
+            staging.write_manifest()
+            remote_tmp = self.path(f"{rel}.tmp-{uuid.uuid4().hex[:12]}")
+            try:
+                # the manifest goes last so a reader never trusts a partial upload
+                for name in sorted(os.listdir(tmp_root)):
+                    if name != MANIFEST:
+                        self.fs.put(os.path.join(tmp_root, name), posixpath.join(remote_tmp, name), recursive=True)
+                self.fs.put(os.path.join(tmp_root, MANIFEST), posixpath.join(remote_tmp, MANIFEST))
+                self.remove(rel)
+                self.fs.mv(remote_tmp, self.path(rel), recursive=True)
+            finally:
+                if self.fs.exists(remote_tmp):
+                    self.fs.rm(remote_tmp, recursive=True)
+
+    @staticmethod
+    def _swap_local(src: str, dest: str) -> None:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        try:
+            os.rename(src, dest)
+        except OSError:
+            # dest exists: move it aside, then swap, then drop the old one
+            old = f"{dest}.old-{uuid.uuid4().hex[:12]}"
+            os.rename(dest, old)
+            os.rename(src, dest)
+            shutil.rmtree(old, ignore_errors=True)
+
+    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+        full = self.path(rel)
+        tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
+        if self.local:
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, full)
+        else:
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, full)
+
+    # -- manifests -------------------------------------------------------------
+    def verify(self, rel: str, *, deep: bool = True) -> dict:
+        """Check a published folder against its manifest; return the manifest.
+
+        `deep` re-hashes every file; otherwise sizes are compared (for large trees whose
+        bytes are hashed again anyway when they are read).
+        """
+        try:
+            manifest = self.read_json(posixpath.join(rel, MANIFEST))
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.uri(rel)}: no manifest (missing or never published)") from None
+        except ValueError as e:
+            raise IntegrityError(f"{self.uri(rel)}: unreadable manifest: {e}") from None
+        for entry in manifest["files"]:
+            name = posixpath.join(rel, entry["name"])
+            try:
+                if deep:
+                    digest, size = self.sha256(name)
+                else:
+                    digest, size = entry["sha256"], self.fs.size(self.path(name))
+            except FileNotFoundError:
+                raise IntegrityError(f"{self.uri(name)}: listed in the manifest but missing") from None
+            if size != entry["bytes"] or digest != entry["sha256"]:
+                raise IntegrityError(f"{self.uri(name)}: does not match its manifest (altered or truncated)")
+        return manifest
+
+
+class Staging:
+    """A local staging folder whose files are recorded for the manifest as they are added."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.files: dict[str, dict] = {}
+        self.meta: dict[str, Any] = {}
+        self.digest = ""
+
+    def file(self, name: str) -> str:
+        full = os.path.join(self.path, *name.split("/"))
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        return full
+
+    def add(self, name: str, *, sha256: str | None = None, size: int | None = None) -> None:
+        """Record a file written under `name`; hashes it unless the caller already did."""
+        if sha256 is None or size is None:
+            h, size = hashlib.sha256(), 0
+            with open(self.file(name), "rb") as f:
+                while block := f.read(CHUNK):
+                    h.update(block)
+                    size += len(block)
+            sha256 = h.hexdigest()
+        self.files[name] = {"name": name, "bytes": size, "sha256": sha256}
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        with open(self.file(name), "wb") as f:
+            f.write(data)
+        self.add(name, sha256=sha256_bytes(data), size=len(data))
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+    def write_manifest(self) -> None:
+        files = [self.files[k] for k in sorted(self.files)]
+        self.digest = digest_json(files)
+        body = {"files": files, "digest": self.digest, **self.meta}
+        with open(os.path.join(self.path, MANIFEST), "w") as f:
+            json.dump(body, f, indent=1)
+
+
+def publish_file(root: Root, local_path: str, rel: str) -> None:
+    """Move a finished local file into the root under `rel`, atomically."""
+    full = root.path(rel)
+    if root.local:
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        os.replace(local_path, full)
+        return
+    tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
+    root.fs.put_file(local_path, tmp)
+    root.fs.mv(tmp, full)
+
+
+def verify_output(desc: dict) -> None:
+    """Raise IntegrityError unless a step's recorded output is still there, unchanged."""
+    root = Root(desc["root"])
+    if "file" in desc:
+        try:
+            digest, size = root.sha256(desc["file"])
+        except FileNotFoundError:
+            raise IntegrityError(f"{root.uri(desc['file'])}: missing") from None
+        if (digest, size) != (desc["sha256"], desc["bytes"]):
+            raise IntegrityError(f"{root.uri(desc['file'])}: altered since it was written")
+        return
+    manifest = root.verify(desc["dir"], deep=desc.get("deep", True))
+    if manifest["digest"] != desc["digest"]:
+        raise IntegrityError(f"{root.uri(desc['dir'])}: replaced by other content")

@@ -1,0 +1,79 @@
+"""Image tensors in Parquet shards.
+
+Each image is one `fixed_size_binary(H*W*C)` cell of raw uint8 pixels: measured ~10x
+faster to load than a list/tensor column, and still readable by pyarrow, pandas,
+DuckDB (BLOB) and Polars (Binary). Shape, dtype, class names and the source digest
+live in the schema metadata under the key `pixelsim`.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.root import Root
+
+META_KEY = b"pixelsim"
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    shape: tuple[int, ...]        # one image: (H, W) or (H, W, C)
+    classes: list[str]
+    split: str
+    source_sha256: str
+
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "dtype": "uint8", "classes": self.classes,
+                "split": self.split, "source_sha256": self.source_sha256,
+                "columns": {"image": "raw uint8 pixels, row-major HxW[xC]",
+                            "label": "class name", "label_index": "index into classes"}}
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def write_shard(path: str, meta: ShardMeta, paths: list[str], labels: np.ndarray, images: np.ndarray) -> None:
+    """Write one shard to a local staging path (published later with its folder)."""
+    n = len(paths)
+    width = int(np.prod(meta.shape))
+    flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(n, width)
+    image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(flat)])
+    table = pa.table({
+        "path": pa.array(paths, pa.string()),
+        "label": pa.DictionaryArray.from_arrays(pa.array(labels, pa.int32()), pa.array(meta.classes, pa.string())),
+        "label_index": pa.array(labels, pa.int16()),
+        "image": image_col,
+    }).replace_schema_metadata({META_KEY: json.dumps(meta.to_dict()).encode()})
+    pq.write_table(table, path, compression="zstd", row_group_size=max(n, 1))
+
+
+def read_meta(root: Root, rel: str) -> dict:
+    with root.open(rel) as f:
+        return json.loads(pq.read_schema(f).metadata[META_KEY])
+
+
+def iter_arrays(root: Root, rels: list[str], columns: tuple[str, ...] = ("label_index", "image"),
+                ) -> Iterator[dict[str, np.ndarray | list]]:
+    """Yield one shard at a time: memory stays bounded by the shard size, not the dataset."""
+    for rel in rels:
+        with root.open(rel) as f:
+            table = pq.read_table(f, columns=list(columns))
+        out: dict[str, np.ndarray | list] = {}
+        for name in columns:
+            col = table.column(name).combine_chunks()
+            if name == "image":
+                width = col.type.byte_width
+                buf = col.buffers()[1]
+                out[name] = np.frombuffer(buf, np.uint8, count=len(col) * width,
+                                          offset=col.offset * width).reshape(len(col), width)
+            elif name == "path":
+                out[name] = col.to_pylist()
+            else:
+                out[name] = col.to_numpy()
+        yield out

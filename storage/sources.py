@@ -1,0 +1,34 @@
+"""A cheap fingerprint of what a source URL currently serves, for cache keys."""
+from __future__ import annotations
+
+import httpx
+import fsspec
+
+from storage.errors import DownloadError
+from storage.fetch import redact
+
+
+def fingerprint(url: str, timeout: float = 5.0) -> dict:
+    """Size and version markers of the file behind `url`, so a changed file is a cache miss.
+
+    Raises DownloadError when the source cannot be reached at all.
+    """
+    if url.startswith(("http://", "https://")):
+        try:
+            resp = httpx.head(url, follow_redirects=True, timeout=timeout)
+        except httpx.HTTPError as e:
+            raise DownloadError(redact(url), f"unreachable: {type(e).__name__}: {e}") from None
+        if resp.status_code >= 400:
+            # some servers refuse HEAD; the download itself decides what the status means
+            return {"status": resp.status_code}
+        h = resp.headers
+        return {k: h.get(k) for k in ("etag", "last-modified", "content-length") if h.get(k)}
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        info = fs.info(path)
+    except FileNotFoundError:
+        raise DownloadError(redact(url), "no such file") from None
+    except Exception as e:  # noqa: BLE001 - any backend failure means unreachable
+        raise DownloadError(redact(url), f"unreachable: {type(e).__name__}: {e}") from None
+    keep = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "checksum", "md5")
+    return {k: str(info[k]) for k in keep if info.get(k) is not None}

@@ -1,0 +1,404 @@
+"""storage.fetch against local HTTP servers that misbehave on purpose."""
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from storage.errors import ChecksumError, DownloadError, TransientDownloadError
+from storage.fetch import Fetched, Pins, fetch, redact, redirect_target, retry_after
+
+DATA = random.Random(0).randbytes(3 * 2**19)  # 1.5 MiB: md5_head differs from the full md5
+SHA = hashlib.sha256(DATA).hexdigest()
+MD5_HEAD = hashlib.md5(DATA[: 2**20]).hexdigest()
+PINS = Pins(size=len(DATA), sha256=SHA, md5_head=MD5_HEAD)
+
+Behaviour = Callable[["Handler", int], None]
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: "Server"
+
+    def do_GET(self) -> None:
+        with self.server.lock:
+            index = len(self.server.requests)
+            self.server.requests.append((self.path, dict(self.headers)))
+        self.server.behaviour(self, index)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+              length: int | None = None) -> None:
+        """Send `body`; a `length` above len(body) cuts the body short."""
+        self.send_response(status)
+        headers = {"Content-Type": "application/octet-stream", **(headers or {})}
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body) if length is None else length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.behaviour: Behaviour = lambda h, i: h.reply(200, DATA)
+
+    def url(self, path: str = "/data.bin", userinfo: str = "") -> str:
+        host, port = self.server_address[:2]
+        return f"http://{userinfo}{host}:{port}{path}"
+
+    @property
+    def ranges(self) -> list[str | None]:
+        return [h.get("Range") for _, h in self.requests]
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    srv = Server()
+    thread = threading.Thread(target=srv.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield srv
+    srv.release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+def run(url: str, dest: Path, sleeps: list[float], **kw: object) -> Fetched:
+    kw.setdefault("backoff", 0.01)
+    return fetch(url, str(dest), sleep=sleeps.append, **kw)  # type: ignore[arg-type]
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def serve_range(h: Handler) -> None:
+    """A server that honours Range, as a resume needs."""
+    rng = h.headers.get("Range")
+    if not rng:
+        return h.reply(200, DATA)
+    start = int(rng.removeprefix("bytes=").rstrip("-"))
+    h.reply(206, DATA[start:], {"Content-Range": f"bytes {start}-{len(DATA) - 1}/{len(DATA)}"})
+
+
+def test_happy_path_with_all_pins(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    dest = tmp_path / "sub" / "data.bin"
+    got = run(server.url(), dest, sleeps, pins=PINS)
+    assert dest.read_bytes() == DATA
+    assert got == Fetched(server.url(), str(dest), len(DATA), SHA, MD5_HEAD)
+    assert MD5_HEAD != hashlib.md5(DATA).hexdigest()
+    assert len(server.requests) == 1 and server.requests[0][1]["Accept-Encoding"] == "identity"
+    assert leftovers(dest.parent) == ["data.bin"] and sleeps == []
+
+
+def test_unpinned_download_still_reports_hashes(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    got = run(server.url(), tmp_path / "d", sleeps)
+    assert (got.size, got.sha256, got.md5_head) == (len(DATA), SHA, MD5_HEAD)
+
+
+def test_sha256_mismatch_leaves_nothing(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    with pytest.raises(ChecksumError) as err:
+        run(server.url(), tmp_path / "data.bin", sleeps, pins=Pins(sha256="0" * 64))
+    msg = str(err.value)
+    assert server.url() in msg and "0" * 64 in msg and SHA in msg
+    assert leftovers(tmp_path) == []
+    assert len(server.requests) == 1  # a checksum mismatch is not retried
+
+
+def test_md5_head_mismatch(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    with pytest.raises(ChecksumError, match="md5_head mismatch"):
+        run(server.url(), tmp_path / "d", sleeps, pins=Pins(md5_head="f" * 32))
+    assert leftovers(tmp_path) == []
+
+
+def test_failure_keeps_previous_dest_untouched(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    dest = tmp_path / "d"
+    dest.write_bytes(b"old")
+    with pytest.raises(ChecksumError):
+        run(server.url(), dest, sleeps, pins=Pins(sha256="0" * 64))
+    assert dest.read_bytes() == b"old" and leftovers(tmp_path) == ["d"]
+
+
+def test_404_fails_at_once(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(404, b"nope")
+    with pytest.raises(DownloadError) as err:
+        run(server.url(), tmp_path / "d", sleeps)
+    assert not isinstance(err.value, TransientDownloadError)
+    assert "404" in str(err.value) and server.url() in str(err.value)
+    assert len(server.requests) == 1 and sleeps == []
+    assert leftovers(tmp_path) == []
+
+
+def test_503_twice_then_ok(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(503) if i < 2 else h.reply(200, DATA)
+    got = run(server.url(), tmp_path / "d", sleeps, pins=PINS, backoff=0.5, max_backoff=0.75)
+    assert got.sha256 == SHA and len(server.requests) == 3
+    assert len(sleeps) == 2 and 0 <= sleeps[0] <= 0.5 and 0 <= sleeps[1] <= 0.75
+
+
+def test_429_honours_retry_after(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(429, headers={"Retry-After": "2"}) if i == 0 else h.reply(200, DATA)
+    run(server.url(), tmp_path / "d", sleeps)
+    assert sleeps == [2.0] and len(server.requests) == 2
+
+
+def test_retry_after_is_capped(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(503, headers={"Retry-After": "3600"}) if i == 0 else h.reply(200, DATA)
+    run(server.url(), tmp_path / "d", sleeps, max_backoff=5)
+    assert sleeps == [5.0]
+
+
+def test_retry_after_parsing() -> None:
+    assert retry_after("7", 30) == 7.0
+    assert retry_after(None, 30) is None and retry_after("soon", 30) is None
+    assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 30) == 0.0  # in the past
+    assert retry_after("Fri, 01 Jan 2100 00:00:00 GMT", 30) == 30.0
+
+
+def test_exhausted_retries_name_url_attempts_and_cause(server: Server, tmp_path: Path,
+                                                        sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(502)
+    with pytest.raises(TransientDownloadError) as err:
+        run(server.url(), tmp_path / "d", sleeps, attempts=3)
+    msg = str(err.value)
+    assert server.url() in msg and "3 attempt" in msg and "502" in msg
+    assert len(server.requests) == 3 and len(sleeps) == 2 and leftovers(tmp_path) == []
+
+
+def test_cut_body_resumes_with_range(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    half = len(DATA) // 2
+
+    def behaviour(h: Handler, i: int) -> None:
+        if i == 0:
+            h.reply(200, DATA[:half], length=len(DATA))
+        else:
+            serve_range(h)
+
+    server.behaviour = behaviour
+    dest = tmp_path / "d"
+    got = run(server.url(), dest, sleeps, pins=PINS)
+    assert server.ranges == [None, f"bytes={half}-"]
+    assert dest.read_bytes() == DATA and got.sha256 == SHA
+    assert leftovers(tmp_path) == ["d"]
+
+
+def test_server_ignoring_range_restarts_from_zero(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    half = len(DATA) // 2
+    server.behaviour = lambda h, i: h.reply(200, DATA[:half], length=len(DATA)) if i == 0 else h.reply(200, DATA)
+    dest = tmp_path / "d"
+    got = run(server.url(), dest, sleeps)
+    assert server.ranges == [None, f"bytes={half}-"]
+    assert dest.read_bytes() == DATA and got.size == len(DATA)  # not half + full
+
+
+def test_wrong_content_range_restarts_from_zero(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    half = len(DATA) // 2
+
+    def behaviour(h: Handler, i: int) -> None:
+        if i == 0:
+            h.reply(200, DATA[:half], length=len(DATA))
+        elif i == 1:  # claims to resume from byte 0 while we asked for `half`
+            h.reply(206, DATA, {"Content-Range": f"bytes 0-{len(DATA) - 1}/{len(DATA)}"})
+        else:
+            serve_range(h)
+
+    server.behaviour = behaviour
+    dest = tmp_path / "d"
+    run(server.url(), dest, sleeps, pins=PINS)
+    assert server.ranges == [None, f"bytes={half}-", None]
+    assert dest.read_bytes() == DATA
+
+
+def test_stalled_body_times_out_and_gives_up(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    def behaviour(h: Handler, i: int) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(DATA)))
+        h.end_headers()
+        h.wfile.write(DATA[:1000])
+        h.wfile.flush()
+        server.release.wait(3)
+
+    server.behaviour = behaviour
+    with pytest.raises(TransientDownloadError) as err:
+        run(server.url(), tmp_path / "d", sleeps, attempts=2, timeout=0.5)
+    assert "ReadTimeout" in str(err.value) and "2 attempt" in str(err.value)
+    assert len(server.requests) == 2 and server.ranges[1] == "bytes=1000-"
+    assert leftovers(tmp_path) == []
+
+
+def test_unreachable_https_is_transient(tmp_path: Path, sleeps: list[float]) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TransientDownloadError, match="ConnectError"):
+        run(f"https://127.0.0.1:{port}/x.tgz", tmp_path / "d", sleeps, attempts=2)
+    assert len(sleeps) == 1 and leftovers(tmp_path) == []
+
+
+def test_html_page_for_archive_is_permanent(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(200, b"<html>login</html>", {"Content-Type": "text/html; charset=utf-8"})
+    with pytest.raises(DownloadError, match="HTML page") as err:
+        run(server.url("/mnist.tgz"), tmp_path / "d", sleeps)
+    assert not isinstance(err.value, TransientDownloadError)
+    assert len(server.requests) == 1 and leftovers(tmp_path) == []
+
+
+def test_html_is_fine_when_no_archive_expected(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(200, b"<html></html>", {"Content-Type": "text/html"})
+    assert run(server.url("/index.html"), tmp_path / "d", sleeps).size == 13
+
+
+def test_oversized_body_aborts_early(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    def behaviour(h: Handler, i: int) -> None:  # no Content-Length: only streaming can tell
+        h.send_response(200)
+        h.end_headers()
+        h.wfile.write(DATA)
+        h.close_connection = True
+
+    server.behaviour = behaviour
+    with pytest.raises(ChecksumError, match="larger than pinned size"):
+        run(server.url(), tmp_path / "d", sleeps, pins=Pins(size=1000))
+    assert len(server.requests) == 1 and leftovers(tmp_path) == []
+
+
+def test_announced_size_mismatch_fails_before_body(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    with pytest.raises(ChecksumError, match=f"announces {len(DATA)}"):
+        run(server.url(), tmp_path / "d", sleeps, pins=Pins(size=len(DATA) + 1))
+    assert len(server.requests) == 1
+
+
+def test_redirect_is_followed(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(302, headers={"Location": "/data.bin"}) if h.path == "/old" else h.reply(200, DATA)
+    got = run(server.url("/old"), tmp_path / "d", sleeps, pins=PINS)
+    assert got.sha256 == SHA and [p for p, _ in server.requests] == ["/old", "/data.bin"]
+
+
+def test_redirect_loop_is_permanent(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(302, headers={"Location": "/b" if h.path == "/a" else "/a"})
+    with pytest.raises(DownloadError, match="redirect loop") as err:
+        run(server.url("/a"), tmp_path / "d", sleeps)
+    assert not isinstance(err.value, TransientDownloadError)
+    assert [p for p, _ in server.requests] == ["/a", "/b"] and leftovers(tmp_path) == []
+
+
+def test_too_many_redirects(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(301, headers={"Location": f"/r{i + 1}"})
+    with pytest.raises(DownloadError, match="too many redirects"):
+        run(server.url("/r0"), tmp_path / "d", sleeps)
+    assert len(server.requests) == 11  # the original request plus 10 redirects
+
+
+def test_redirect_decisions() -> None:
+    assert redirect_target(["https://a.org/x"], "/y?q=1") == "https://a.org/y?q=1"
+    assert redirect_target(["http://a.org/x"], "https://cdn.org/y") == "https://cdn.org/y"
+    with pytest.raises(DownloadError, match="downgrade") as err:
+        redirect_target(["https://u:pw@a.org/x?token=t0k"], "http://a.org/x")
+    assert "pw" not in str(err.value) and "t0k" not in str(err.value)
+    with pytest.raises(DownloadError, match="downgrade"):  # the current hop decides, not the origin
+        redirect_target(["http://a.org/x", "https://b.org/y"], "http://c.org/z")
+    with pytest.raises(DownloadError, match="unsupported scheme"):
+        redirect_target(["https://a.org/x"], "file:///etc/passwd")
+    with pytest.raises(DownloadError, match="loop"):
+        redirect_target(["https://a.org/x", "https://a.org/y"], "/x")
+    with pytest.raises(DownloadError, match="too many"):
+        redirect_target([f"https://a.org/{i}" for i in range(11)], "/next")
+
+
+def test_local_path_and_file_url(tmp_path: Path, sleeps: list[float]) -> None:
+    src = tmp_path / "src.tgz"
+    src.write_bytes(DATA)
+    for i, url in enumerate([str(src), src.as_uri()]):
+        dest = tmp_path / "out" / f"copy{i}.tgz"
+        got = run(url, dest, sleeps, pins=PINS)
+        assert dest.read_bytes() == DATA and got.url == url and got.sha256 == SHA
+    assert leftovers(tmp_path / "out") == ["copy0.tgz", "copy1.tgz"]
+
+
+def test_missing_local_file_is_permanent(tmp_path: Path, sleeps: list[float]) -> None:
+    missing = tmp_path / "missing.tgz"
+    with pytest.raises(DownloadError) as err:
+        run(str(missing), tmp_path / "out" / "d", sleeps)
+    assert not isinstance(err.value, TransientDownloadError)
+    assert str(missing) in str(err.value) and sleeps == []
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_credentials_never_in_errors_or_result(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    server.behaviour = lambda h, i: h.reply(200, DATA) if h.path.startswith("/ok") else h.reply(403)
+    with pytest.raises(DownloadError) as err:
+        run(server.url("/missing?token=s3cr3t&x=1", userinfo="alice:hunter2@"), tmp_path / "d", sleeps)
+    msg = str(err.value)
+    assert "hunter2" not in msg and "s3cr3t" not in msg and "alice" not in msg
+    assert "403" in msg and "token=***&x=1" in msg
+    assert server.requests[0][1]["Authorization"].startswith("Basic ")  # the creds were still used
+    got = run(server.url("/ok?sig=abc", userinfo="alice:hunter2@"), tmp_path / "d", sleeps)
+    assert got.url == server.url("/ok?sig=***")
+
+
+def test_credentials_not_leaked_by_transient_errors(tmp_path: Path, sleeps: list[float]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TransientDownloadError) as err:
+        run(f"http://bob:pa55word@127.0.0.1:{port}/x?X-Amz-Signature=deadbeef", tmp_path / "d", sleeps, attempts=1)
+    assert "pa55word" not in str(err.value) and "deadbeef" not in str(err.value)
+
+
+@pytest.mark.parametrize(("url", "want"), [
+    ("https://user:pw@host.org/a.tgz", "https://host.org/a.tgz"),
+    ("https://host.org/a.tgz?token=abc&v=2", "https://host.org/a.tgz?token=***&v=2"),
+    ("https://b.s3.amazonaws.com/k?X-Amz-Credential=c%2Fd&X-Amz-Signature=ff&X-Amz-Expires=60",
+     "https://b.s3.amazonaws.com/k?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=***"),
+    ("https://h/p?sig=1&signature=2&key=3&api_key=4&secret=5&password=6&keyword=7",
+     "https://h/p?sig=***&signature=***&key=***&api_key=***&secret=***&password=***&keyword=7"),
+    ("https://h/p?q=a%20b&flag", "https://h/p?q=a%20b&flag"),
+    ("/data/local.tgz", "/data/local.tgz"),
+    ("s3://bucket/key.tgz", "s3://bucket/key.tgz"),
+])
+def test_redact(url: str, want: str) -> None:
+    assert redact(url) == want
+
+
+def test_attempts_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        fetch("/x", str(tmp_path / "d"), attempts=0)
+
+
+def test_published_file_is_not_private(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    if os.name != "posix":
+        pytest.skip("POSIX modes only")
+    old = os.umask(0o022)
+    try:
+        dest = tmp_path / "d"
+        run(server.url(), dest, sleeps)
+    finally:
+        os.umask(old)
+    assert dest.stat().st_mode & 0o777 == 0o644
