@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", default="mnist_sample", help="a named dataset (see `pixelsim datasets`) "
                      "or, with --source, the name its outputs are filed under")
     run.add_argument("--source", help="archive URL or path (any fsspec URL); never falls back")
+    run.add_argument("--sha256", help="expected sha256 of the --source archive (verified before extraction)")
     run.add_argument("--root", default=os.environ.get("PIXELSIM_ROOT", "pixelsim-data"),
                      help="storage root, a folder or fsspec URL (default: ./pixelsim-data or $PIXELSIM_ROOT)")
     run.add_argument("--metric", choices=["l1", "rmse"], default="l1", help="headline distance (both are computed)")
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         out = pixel_similarity(dataset=args.dataset, source=args.source, root=args.root, metric=args.metric,
                                refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
                                resize=args.resize, classes=classes, train_split=args.train_split,
-                               valid_split=args.valid_split, device=args.device)
+                               valid_split=args.valid_split, device=args.device,
+                               sha256=args.sha256)
     except PixelsimError as e:
         print(f"pixelsim: error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,7 @@
 """Named datasets: pinned sources (fastai pins size and the md5 of the first MiB)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -13,6 +14,10 @@ class Dataset:
     description: str
     bundled: str | None = None           # a copy shipped in flows/data, used when `url` is unreachable
     bundled_pins: dict = field(default_factory=dict)
+
+    def source_url(self) -> str:
+        """The official URL, unless $PIXELSIM_URL_<NAME> points at a mirror (or, in tests, nowhere)."""
+        return os.environ.get(f"PIXELSIM_URL_{self.name.upper()}", self.url)
 
     def bundled_path(self) -> str | None:
         return str(resources.files("flows") / "data" / self.bundled) if self.bundled else None

@@ -52,7 +52,8 @@ def artifact_key(dataset: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"pixelsim-{dataset}-{what}".lower()).strip("-")
 
 
-def fetch_source(run: Steps, dataset: str, source: str | None, root: str) -> tuple[dict, dict]:
+def fetch_source(run: Steps, dataset: str, source: str | None, root: str,
+                 sha256: str | None = None) -> tuple[dict, dict]:
     """Download the explicit source, or the dataset's official one with the bundled copy as fallback."""
     log = get_run_logger()
     if source:
@@ -61,16 +62,17 @@ def fetch_source(run: Steps, dataset: str, source: str | None, root: str) -> tup
         except DownloadError as e:
             log.warning("could not fingerprint %s (%s); downloading anyway", e.url, e.reason)
             fp = {}
-        archive = run(download, source, root, {}, 4, fp)
+        archive = run(download, source, root, {"sha256": sha256.lower()} if sha256 else {}, 4, fp)
         return archive, {"url": archive["url"], "sha256": archive["sha256"], "bytes": archive["bytes"]}
     if dataset not in DATASETS:
         raise PixelsimError(f"unknown dataset {dataset!r}: pass --source, or one of {', '.join(DATASETS)}")
     ds = DATASETS[dataset]
     bundled = ds.bundled_path()
     try:
-        fp = fingerprint(ds.url)
+        url = ds.source_url()
+        fp = fingerprint(url)
         quick = download.with_options(retries=0) if bundled else download
-        archive = run(quick, ds.url, root, ds.pins, 2 if bundled else 4, fp)
+        archive = run(quick, url, root, ds.pins, 2 if bundled else 4, fp)
         return archive, {"url": archive["url"], "sha256": archive["sha256"], "bytes": archive["bytes"]}
     except DownloadError as e:
         if not bundled:
@@ -87,13 +89,13 @@ def pixel_similarity(dataset: str = "mnist_sample", source: str | None = None, r
                      metric: str = "l1", refresh: bool = False, shard_size: int = 5000, channels: int = 1,
                      resize: list[int] | None = None, classes: list[str] | None = None,
                      train_split: str | None = None, valid_split: str | None = None,
-                     device: str = "cpu") -> dict:
+                     device: str = "cpu", sha256: str | None = None) -> dict:
     """Archive -> extracted tree -> shards -> templates -> predictions -> report."""
     if metric not in METRICS:
         raise PixelsimError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     log = get_run_logger()
     run = Steps(refresh)
-    archive, src = fetch_source(run, dataset, source, root)
+    archive, src = fetch_source(run, dataset, source, root, sha256)
     tree = run(untar, archive, root)
     layout = find_layout(list(tree_entries(Root(root), tree)), train_split=train_split,
                          valid_split=valid_split, classes=classes)

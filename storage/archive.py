@@ -116,7 +116,7 @@ class _Writer:
         return ArchiveError(f"{self.archive}: member {name!r}: {why}")
 
     def admit(self, name: str, kind: str, size: int) -> str | None:
-        """Check one entry; return its path, or None when it is to be skipped."""
+        """Check one entry and create it if a dir; return a file's path, else None."""
         self.count += 1
         if self.count > self.caps.max_members:
             raise self.refuse(name, f"archive has more than {self.caps.max_members} members")
@@ -127,27 +127,28 @@ class _Writer:
         except ValueError as e:
             raise self.refuse(name, str(e)) from None
         if kind == "file":
-            if size > self.caps.max_member_bytes:
-                raise self.refuse(name, f"{size} bytes is over the {self.caps.max_member_bytes}-byte member cap")
-            self._count_bytes(name, size, 0)
+            self.check(name, size, size)
         parts = path.split("/")
         if any(p == "__MACOSX" or p.startswith("._") for p in parts) or parts[-1] == ".DS_Store":
             self.total += size if kind == "file" else 0  # its bytes are still decompressed
             return None
+        if not path and kind == "dir":
+            return None
         if not path:
-            if kind == "dir":
-                return None
             raise self.refuse(name, "empty name")
         if path in self.seen:
             raise self.refuse(name, "duplicate member")
         self.seen.add(path)
+        if kind == "dir":
+            return self.mkdir(name, os.path.join(self.root, path))
         return path
 
-    def _count_bytes(self, name: str, more: int, done: int) -> None:
+    def check(self, name: str, size: int, more: int) -> None:
+        """Refuse a member at `size` bytes, `more` of them not yet in the total."""
+        if size > self.caps.max_member_bytes:
+            raise self.refuse(name, f"{size}+ bytes is over the {self.caps.max_member_bytes}-byte member cap")
         if self.total + more > self.caps.max_total_bytes:
             raise self.refuse(name, f"archive holds more than {self.caps.max_total_bytes} bytes")
-        if done > self.caps.max_member_bytes:
-            raise self.refuse(name, f"over the {self.caps.max_member_bytes}-byte member cap")
 
     def _create(self, name: str, make: Callable[[], Any]) -> Any:
         """Run a filesystem call, naming the member when it clashes with another."""
@@ -161,19 +162,19 @@ class _Writer:
             raise
 
     def mkdir(self, name: str, path: str) -> None:
-        self._create(name, lambda: os.makedirs(os.path.join(self.root, path), 0o755, exist_ok=True))
+        self._create(name, lambda: os.makedirs(path, 0o755, exist_ok=True))
 
     def file(self, name: str, path: str, read: Callable[[int], bytes]) -> None:
         """Copy one file, hashing and counting the bytes actually produced."""
         full = os.path.join(self.root, path)
-        self._create(name, lambda: os.makedirs(os.path.dirname(full), 0o755, exist_ok=True))
+        self.mkdir(name, os.path.dirname(full))
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = self._create(name, lambda: os.open(full, flags, 0o644))
         digest, size = hashlib.sha256(), 0
         with os.fdopen(fd, "wb") as out:
             while chunk := read(_CHUNK):
                 size += len(chunk)
-                self._count_bytes(name, len(chunk), size)
+                self.check(name, size, len(chunk))
                 self.total += len(chunk)
                 digest.update(chunk)
                 out.write(chunk)
@@ -186,19 +187,11 @@ def _tar(raw: IO[bytes], w: _Writer) -> None:
     src = _Source(raw, a)
     with _guard(a, tarfile.open, None, "r|", src, 1 << 16) as tf:
         while (ti := _guard(a, tf.next)) is not None:
-            if ti.isdir():
-                kind = "dir"
-            elif ti.isreg() and not ti.sparse:
-                kind = "file"
-            else:
-                kind = _TAR_KINDS.get(ti.type, f"entries of type {ti.type!r}")
+            kind = ("dir" if ti.isdir() else "file" if ti.isreg() and not ti.sparse
+                    else _TAR_KINDS.get(ti.type, f"entries of type {ti.type!r}"))
             path = w.admit(ti.name, kind, ti.size)
             src.allowed += (ti.size if kind == "file" else 0) + _PER_MEMBER_SLACK
-            if path is None:
-                continue
-            if kind == "dir":
-                w.mkdir(ti.name, path)
-            else:
+            if path is not None:
                 f = _guard(a, tf.extractfile, ti)
                 w.file(ti.name, path, lambda n: _guard(a, f.read, n))
         end = tf.offset  # where the end-of-archive marker must start
@@ -222,11 +215,7 @@ def _zip(raw: IO[bytes], w: _Writer) -> None:
             else:
                 kind = "dir" if info.is_dir() else "file"
             path = w.admit(info.filename, kind, info.file_size)
-            if path is None:
-                continue
-            if kind == "dir":
-                w.mkdir(info.filename, path)
-            else:
+            if path is not None:
                 with _guard(a, zf.open, info) as f:
                     w.file(info.filename, path, lambda n: _guard(a, f.read, n))
 

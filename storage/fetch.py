@@ -32,11 +32,8 @@ MAX_REDIRECTS = 10
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip", ".gz", ".bz2", ".xz")
-_SECRET = re.compile(
-    r"^x-(amz|goog)-|token|secret|passw|signature|credential|apikey|accesskey"
-    r"|(^|[_.-])(sig|key|auth|pwd)$",
-    re.IGNORECASE,
-)
+_SECRET = re.compile(r"^x-(amz|goog)-|token|secret|passw|signature|credential|apikey|accesskey"
+                     r"|(^|[_.-])(sig|key|auth|pwd)$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -123,10 +120,9 @@ def retry_after(value: str | None, cap: float) -> float | None:
         delay = float(value)
     except ValueError:
         try:
-            when = email.utils.parsedate_to_datetime(value)
+            delay = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
         except (TypeError, ValueError):
             return None
-        delay = when.timestamp() - time.time()
     return min(max(delay, 0.0), cap)
 
 
@@ -160,8 +156,13 @@ def _content_range(value: str | None) -> tuple[int, int | None] | None:
     return (int(m[1]), None if m[3] == "*" else int(m[3])) if m else None
 
 
-def _looks_like_archive(url: str, pins: Pins) -> bool:
-    return pins != Pins() or urlsplit(url).path.lower().endswith(ARCHIVE_SUFFIXES)
+def _expects_archive(urls: Sequence[str], pins: Pins) -> bool:
+    return pins != Pins() or any(urlsplit(u).path.lower().endswith(ARCHIVE_SUFFIXES) for u in urls)
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.hostname, parts.port
 
 
 def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: float,
@@ -172,6 +173,8 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
         # identity + iter_raw: pins describe the stored bytes, and servers often
         # label a .tgz as Content-Encoding: gzip, which httpx would then inflate.
         hdrs = {**headers, "Accept-Encoding": "identity"}
+        if _origin(chain[-1]) != _origin(url):  # caller's credentials are for the origin only
+            hdrs = {k: v for k, v in hdrs.items() if k.lower() not in ("authorization", "cookie")}
         if part.n:
             hdrs["Range"] = f"bytes={part.n}-"
         with client.stream("GET", chain[-1], headers=hdrs) as r:
@@ -189,23 +192,23 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
                 raise _Retry(shown, "HTTP 416 on resume; restarting from zero")
             if status not in (200, 206):
                 raise DownloadError(shown, f"HTTP {status} {r.reason_phrase}")
-            length = r.headers.get("content-length")
-            length_n = int(length) if length and length.isdigit() else None
+            length = r.headers.get("content-length", "")
+            length_n = int(length) if length.isdigit() else None
             rng = _content_range(r.headers.get("content-range"))
             if status == 206:
                 if rng is None or rng[0] != part.n:
+                    reason = (f"bad Content-Range {r.headers.get('content-range')!r} for a resume "
+                              f"at byte {part.n}; restarting from zero")
                     part.reset()
-                    raise _Retry(shown, f"bad Content-Range {r.headers.get('content-range')!r} "
-                                        f"for a resume at byte {part.n}; restarting from zero")
-                total = rng[1] if rng[1] is not None else (
-                    part.n + length_n if length_n is not None else None)
+                    raise _Retry(shown, reason)
+                total = rng[1] if rng[1] is not None else None if length_n is None else part.n + length_n
             else:
                 if part.n:
                     log.info("%s ignored Range; restarting from zero", shown)
                     part.reset()
                 total = length_n
             ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype == "text/html" and _looks_like_archive(chain[-1], pins):
+            if ctype == "text/html" and _expects_archive(chain, pins):
                 raise DownloadError(shown, "server returned an HTML page instead of the file "
                                            "(login wall, error page or moved dataset?)")
             if pins.size is not None and total is not None and total != pins.size:
@@ -255,16 +258,13 @@ def _verify(shown: str, part: _Part, pins: Pins) -> None:
 
 
 def _fsync_dir(path: str) -> None:
-    try:
+    """Make the rename durable; unsupported on some platforms, where it is skipped."""
+    with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # not supported here (e.g. Windows); the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def fetch(url: str, dest: str | os.PathLike[str], *, pins: Pins | None = None, attempts: int = 5,

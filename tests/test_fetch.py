@@ -402,3 +402,69 @@ def test_published_file_is_not_private(server: Server, tmp_path: Path, sleeps: l
     finally:
         os.umask(old)
     assert dest.stat().st_mode & 0o777 == 0o644
+
+
+def test_credentials_not_leaked_by_fsspec_errors(tmp_path: Path, sleeps: list[float]) -> None:
+    # fsspec echoes the path it failed on, userinfo included
+    with pytest.raises(DownloadError) as err:
+        run("memory://alice:hunter2@bucket/missing.tgz", tmp_path / "d", sleeps)
+    msg = str(err.value)
+    assert "FileNotFoundError" in msg and "missing.tgz" in msg
+    assert "hunter2" not in msg and "alice" not in msg
+
+
+def test_server_capping_range_size_is_resumed(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    cap = 2**19
+
+    def behaviour(h: Handler, i: int) -> None:  # answers each request with at most `cap` bytes
+        start = int((h.headers.get("Range") or "bytes=0-").removeprefix("bytes=").rstrip("-"))
+        end = min(start + cap, len(DATA))
+        h.reply(206, DATA[start:end], {"Content-Range": f"bytes {start}-{end - 1}/{len(DATA)}"})
+
+    server.behaviour = behaviour
+    dest = tmp_path / "d"
+    run(server.url(), dest, sleeps, pins=PINS)
+    assert server.ranges == [None, f"bytes={cap}-", f"bytes={2 * cap}-"]
+    assert dest.read_bytes() == DATA
+
+
+def test_auth_headers_stay_with_their_origin(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    other = Server()  # same host, other port: another origin
+    threading.Thread(target=other.serve_forever, args=(0.02,), daemon=True).start()
+    try:
+        server.behaviour = lambda h, i: h.reply(302, headers={"Location": other.url("/blob")})
+        got = run(server.url("/x.tgz"), tmp_path / "d", sleeps, pins=PINS,
+                  storage_options={"headers": {"Authorization": "Bearer t0k", "X-Trace": "1"}})
+    finally:
+        other.shutdown()
+        other.server_close()
+    assert got.sha256 == SHA
+    assert server.requests[0][1]["Authorization"] == "Bearer t0k"
+    assert "Authorization" not in other.requests[0][1] and other.requests[0][1]["X-Trace"] == "1"
+
+
+def test_html_after_redirect_from_archive_url(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    def behaviour(h: Handler, i: int) -> None:
+        if h.path == "/mnist.tgz":
+            h.reply(302, headers={"Location": "/signin"})
+        else:
+            h.reply(200, b"<html>sign in</html>", {"Content-Type": "text/html"})
+
+    server.behaviour = behaviour
+    with pytest.raises(DownloadError, match="HTML page"):
+        run(server.url("/mnist.tgz"), tmp_path / "d", sleeps)
+    assert [p for p, _ in server.requests] == ["/mnist.tgz", "/signin"]
+
+
+def test_416_when_every_byte_is_already_here(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
+    def behaviour(h: Handler, i: int) -> None:
+        if i == 0:  # whole body, but announced one byte longer: looks cut short
+            h.reply(200, DATA, length=len(DATA) + 1)
+        else:
+            h.reply(416, headers={"Content-Range": f"bytes */{len(DATA)}"})
+
+    server.behaviour = behaviour
+    dest = tmp_path / "d"
+    got = run(server.url(), dest, sleeps)  # no size pin: the announced size is wrong
+    assert server.ranges == [None, f"bytes={len(DATA)}-"]
+    assert dest.read_bytes() == DATA and got.sha256 == SHA

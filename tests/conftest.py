@@ -1,0 +1,153 @@
+"""Shared fixtures: one Prefect server for the whole session, loopback HTTP servers, the CLI."""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+PROJECT = HERE.parent
+SAMPLE = PROJECT / "flows" / "data" / "mnist_sample.tgz"
+TINY = HERE / "data" / "mnist_tiny.tgz"
+PIXELSIM = str(Path(sys.executable).with_name("pixelsim"))
+
+# the published fastbook figures (and the tiny archive's), per ../shared/data/README.md
+SAMPLE_FIGURES = {"l1": {"3": 0.9168, "7": 0.9854, "balanced": 0.9511},
+                  "rmse": {"3": 0.9584, "7": 0.9737, "balanced": 0.9661}}
+SAMPLE_COUNTS = {"train": {"3": 6131, "7": 6265}, "valid": {"3": 1010, "7": 1028}}
+TINY_FIGURES = {"l1": {"3": 0.8829, "7": 0.9800, "balanced": 0.9314},
+                "rmse": {"3": 0.9429, "7": 0.9629, "balanced": 0.9529}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PIXELSIM_"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_LOGGING_COLORS="false",
+               # never reach the real internet from a test: the official URL is a closed loopback port
+               PIXELSIM_URL_MNIST_SAMPLE=f"http://127.0.0.1:{free_port()}/mnist_sample.tgz")
+    return env
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> str:
+    """One `prefect server start` on 127.0.0.1 for every CLI test (a temporary one costs ~10 s a run)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = base_env(home)
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def report(self) -> dict:
+        return json.loads(self.stdout)
+
+    def states(self) -> list[str]:
+        """Final task states from the run's log lines, e.g. ['Cached', 'Completed', ...]."""
+        return [line.split("Finished in state ")[1].split("(")[0] for line in self.stderr.splitlines()
+                if "Task run" in line and "Finished in state" in line]
+
+
+class Cli:
+    """Runs `pixelsim` in a subprocess, as a user would."""
+
+    def __init__(self, env: dict[str, str], root: Path):
+        self.env = env
+        self.root = root
+
+    def __call__(self, *args: str, timeout: float = 300, env: dict | None = None) -> Result:
+        cmd = [PIXELSIM, *args]
+        if args and args[0] == "run" and "--root" not in args:
+            cmd += ["--root", str(self.root)]
+        p = subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+                           cwd=self.root.parent)
+        return Result(p.returncode, p.stdout, p.stderr)
+
+
+@pytest.fixture
+def cli(prefect_server, tmp_path) -> Cli:
+    """The CLI against the session's server, with its own storage root and result store."""
+    env = base_env(tmp_path / "home")
+    env.update(PREFECT_API_URL=prefect_server, PREFECT_LOCAL_STORAGE_PATH=str(tmp_path / "results"))
+    return Cli(env, tmp_path / "root")
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Serve files from a folder on 127.0.0.1; returns a function giving the URL of a file."""
+    servers = []
+
+    def start(files: dict[str, Path | bytes]) -> str:
+        folder = Path(tempfile.mkdtemp(dir=tmp_path, prefix="www-"))
+        for name, content in files.items():
+            if isinstance(content, Path):
+                shutil.copy(content, folder / name)
+            else:
+                (folder / name).write_bytes(content)
+        handler = functools.partial(Quiet, directory=str(folder))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+class Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def assert_figures(report: dict, figures: dict) -> None:
+    for metric, want in figures.items():
+        got = report["metrics"][metric]
+        assert got["per_class"] == {k: v for k, v in want.items() if k != "balanced"}, metric
+        assert got["balanced"] == want["balanced"], metric

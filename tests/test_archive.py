@@ -1,0 +1,398 @@
+"""Tests for storage.archive: archives are built by hand, then extracted or refused."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import time
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from storage.archive import Caps, Member, _normalise, extract
+from storage.errors import ArchiveError
+
+MNIST_TINY = Path(__file__).parent / "data" / "mnist_tiny.tgz"
+UMASK = os.umask(0)
+os.umask(UMASK)
+BLOB = bytes(range(256)) * 12  # 3072 bytes, not a multiple of the tar block
+FILES = {"ds/a.txt": b"alpha\n", "ds/sub/b.bin": BLOB, "ds/sub/deep/empty": b""}
+DIRS = ["ds", "ds/sub", "ds/sub/deep"]
+
+
+def tinfo(name: str, data: bytes | None = None, **attrs) -> tuple[tarfile.TarInfo, bytes | None]:
+    """A tar entry: a file when data is given, else whatever `type` says (default dir)."""
+    ti = tarfile.TarInfo(name)
+    ti.mtime = 1_600_000_000
+    if data is not None:
+        ti.size = len(data)
+        ti.mode = 0o644
+    else:
+        ti.type = tarfile.DIRTYPE
+        ti.mode = 0o755
+    for k, v in attrs.items():
+        setattr(ti, k, v)
+    return ti, data
+
+
+def write_tar(path: Path, entries, mode: str = "w:gz") -> Path:
+    with tarfile.open(path, mode, format=tarfile.PAX_FORMAT) as tf:
+        for ti, data in entries:
+            tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def write_zip(path: Path, entries) -> Path:
+    """entries: (name or ZipInfo, bytes); duplicate names are written on purpose."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in entries:
+                zf.writestr(name, data)
+    return path
+
+
+def normal_entries():
+    return [tinfo(d) for d in DIRS[:2]] + [tinfo(n, b) for n, b in FILES.items()]
+
+
+def expected_members() -> list[Member]:
+    return [Member(n, len(b), hashlib.sha256(b).hexdigest()) for n, b in sorted(FILES.items())]
+
+
+def snapshot(root: Path) -> dict[str, tuple[int, int, int, bytes]]:
+    """Everything under root (not root itself, whose mtime a temp sibling must touch)."""
+    out = {}
+    for p in root.rglob("*"):
+        st = p.lstat()
+        body = p.read_bytes() if stat.S_ISREG(st.st_mode) else b""
+        out[str(p.relative_to(root))] = (st.st_mode, st.st_mtime_ns, st.st_size, body)
+    return out
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    p = tmp_path / "outside.txt"
+    p.write_bytes(b"do not touch\n")
+    os.utime(p, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    return p
+
+
+def assert_refused(tmp_path: Path, archive: Path, match: str, caps: Caps = Caps()) -> ArchiveError:
+    """Extraction fails, and nothing but tmp_path's own mtime changed."""
+    dest = tmp_path / "ds_out"
+    before = snapshot(tmp_path)
+    with pytest.raises(ArchiveError, match=match) as err:
+        extract(str(archive), str(dest), caps=caps)
+    assert not dest.exists()
+    assert list(tmp_path.glob("*.tmp-*")) == []
+    assert snapshot(tmp_path) == before
+    assert (tmp_path / "outside.txt").read_bytes() == b"do not touch\n"
+    assert (tmp_path / "outside.txt").stat().st_mtime_ns == 1_500_000_000_000_000_000
+    return err.value
+
+
+def assert_extracted(dest: Path, members: list[Member]) -> None:
+    assert members == expected_members()
+    for name, body in FILES.items():
+        p = dest / name
+        assert p.read_bytes() == body
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644 & ~UMASK
+    for d in DIRS:
+        assert stat.S_IMODE((dest / d).stat().st_mode) == 0o755 & ~UMASK
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file()) == sorted(FILES)
+    assert list(dest.parent.glob("*.tmp-*")) == []
+
+
+# --- happy paths -------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["w:gz", "w", "w:bz2", "w:xz"])
+def test_tar_formats_extract_exact_members(tmp_path: Path, mode: str) -> None:
+    archive = write_tar(tmp_path / "in.bin", normal_entries(), mode)
+    dest = tmp_path / "out"
+    assert_extracted(dest, extract(str(archive), str(dest)))
+
+
+def test_zip_extracts_exact_members(tmp_path: Path) -> None:
+    archive = write_zip(tmp_path / "in.zip", [("ds/", b"")] + list(FILES.items()))
+    dest = tmp_path / "out"
+    assert_extracted(dest, extract(archive, dest))
+
+
+def test_format_is_sniffed_not_taken_from_the_name(tmp_path: Path) -> None:
+    archive = write_tar(tmp_path / "looks_like.zip", normal_entries(), "w:gz")
+    assert extract(archive, tmp_path / "out") == expected_members()
+
+
+def test_dot_entries_and_junk_are_skipped(tmp_path: Path) -> None:
+    entries = [tinfo("."), tinfo("./ds"), tinfo("./ds/a.txt", b"x"), tinfo("./ds/._a.txt", b"junk"),
+               tinfo("__MACOSX/ds/._a.txt", b"junk"), tinfo("ds/.DS_Store", b"junk")]
+    dest = tmp_path / "out"
+    members = extract(write_tar(tmp_path / "in.tgz", entries), dest)
+    assert members == [Member("ds/a.txt", 1, hashlib.sha256(b"x").hexdigest())]
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["ds", "ds/a.txt"]
+
+
+def test_zip_macos_junk_is_skipped(tmp_path: Path) -> None:
+    archive = write_zip(tmp_path / "in.zip", [("ds/a.txt", b"x"), ("__MACOSX/ds/._a.txt", b"j"),
+                                              ("ds/._a.txt", b"j")])
+    dest = tmp_path / "out"
+    assert [m.path for m in extract(archive, dest)] == ["ds/a.txt"]
+    assert not (dest / "__MACOSX").exists() and not (dest / "ds/._a.txt").exists()
+
+
+def test_setuid_and_sticky_modes_are_dropped_not_refused(tmp_path: Path) -> None:
+    entries = [tinfo("ds", mode=0o1777), tinfo("ds/run", b"#!/bin/sh\n", mode=0o6755, uid=0, gid=0)]
+    dest = tmp_path / "out"
+    extract(write_tar(tmp_path / "in.tgz", entries), dest)
+    assert stat.S_IMODE((dest / "ds/run").stat().st_mode) == 0o644 & ~UMASK
+    assert stat.S_IMODE((dest / "ds").stat().st_mode) == 0o755 & ~UMASK
+
+
+def test_existing_dest_wins_and_is_left_alone(tmp_path: Path) -> None:
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "theirs.txt").write_bytes(b"first run")
+    members = extract(write_tar(tmp_path / "in.tgz", normal_entries()), dest)
+    assert members == expected_members()
+    assert [p.name for p in dest.iterdir()] == ["theirs.txt"]
+    assert list(tmp_path.glob("*.tmp-*")) == []
+
+
+def test_caps_at_exact_limit_pass(tmp_path: Path) -> None:
+    entries = [tinfo(f"ds/{i}", b"x" * 100) for i in range(3)]
+    archive = write_tar(tmp_path / "in.tgz", entries)
+    caps = Caps(max_members=3, max_total_bytes=300, max_member_bytes=100)
+    assert len(extract(archive, tmp_path / "out", caps=caps)) == 3
+
+
+def test_mnist_tiny_real_archive(tmp_path: Path) -> None:
+    dest = tmp_path / "mnist"
+    members = extract(MNIST_TINY, dest)
+    assert len(members) > 1400
+    assert all(m.path.startswith("mnist_tiny/") for m in members)
+    assert [m.path for m in members] == sorted(m.path for m in members)
+    assert any(m.path.startswith("mnist_tiny/train/3/") and m.path.endswith(".png") for m in members)
+    labels = next(m for m in members if m.path == "mnist_tiny/labels.csv")
+    body = (dest / labels.path).read_bytes()
+    assert labels.size == len(body) and labels.sha256 == hashlib.sha256(body).hexdigest()
+
+
+# --- refusals ----------------------------------------------------------------
+
+def _special(name: str, type_: bytes, linkname: str = "") -> tuple[tarfile.TarInfo, None]:
+    ti, _ = tinfo(name, type=type_, linkname=linkname, mode=0o777)
+    return ti, None
+
+
+UNSAFE_TAR = {
+    "dotdot": ([tinfo("../evil", b"x")], r"'\.\./evil'.*'\.\.' component"),
+    "dotdot_inner": ([tinfo("ds/../../evil", b"x")], r"'\.\.' component"),
+    "absolute": ([tinfo("ABS", b"x")], "absolute path"),
+    "drive_letter": ([tinfo("C:/evil", b"x")], "absolute path"),
+    "drive_relative": ([tinfo("C:evil", b"x")], "absolute path"),
+    "backslash": ([tinfo("ds\\..\\..\\evil", b"x")], "backslash"),
+    "empty_name": ([tinfo("", b"x")], "empty name"),
+    "symlink_inside": ([_special("ds/link", tarfile.SYMTYPE, "a.txt")], "'ds/link'.*symlinks are not allowed"),
+    "symlink_outside": ([_special("ds/link", tarfile.SYMTYPE, "../../outside.txt")], "symlinks"),
+    "hardlink_inside": ([_special("ds/hl", tarfile.LNKTYPE, "ds/a.txt")], "hardlinks are not allowed"),
+    "hardlink_outside": ([_special("ds/hl", tarfile.LNKTYPE, "OUTSIDE")], "hardlinks"),
+    "fifo": ([_special("ds/fifo", tarfile.FIFOTYPE)], "FIFOs are not allowed"),
+    "char_device": ([_special("ds/null", tarfile.CHRTYPE)], "character devices are not allowed"),
+    "block_device": ([_special("ds/sda", tarfile.BLKTYPE)], "block devices are not allowed"),
+    "dup_file": ([tinfo("ds/b.txt", b"1"), tinfo("ds/b.txt", b"2")], "'ds/b.txt'.*duplicate"),
+    "dup_normalised": ([tinfo("ds/b.txt", b"1"), tinfo("./ds//b.txt", b"2")], "duplicate"),
+    "file_then_dir": ([tinfo("ds/b", b"1"), tinfo("ds/b")], "duplicate"),
+    "dir_then_file": ([tinfo("ds/b"), tinfo("ds/b", b"1")], "duplicate"),
+    "file_as_parent": ([tinfo("ds/b", b"1"), tinfo("ds/b/c", b"2")], "clashes"),
+    "implicit_dir_then_file": ([tinfo("ds/b/c", b"2"), tinfo("ds/b", b"1")], "clashes"),
+}
+
+
+@pytest.mark.parametrize("case", UNSAFE_TAR)
+def test_unsafe_tar_members_are_refused(tmp_path: Path, sentinel: Path, case: str) -> None:
+    entries, match = UNSAFE_TAR[case]
+    fixed = []
+    for ti, data in entries:  # absolute paths must point into tmp_path so a leak would show
+        ti.name = ti.name.replace("ABS", str(tmp_path / "abs_evil.txt"))
+        ti.linkname = ti.linkname.replace("OUTSIDE", str(sentinel))
+        fixed.append((ti, data))
+    # A good member first, so the temp folder is non-empty when the refusal comes.
+    archive = write_tar(tmp_path / "in.tgz", [tinfo("ds/a.txt", b"ok")] + fixed)
+    assert_refused(tmp_path, archive, match)
+    assert not (tmp_path / "abs_evil.txt").exists() and not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize("name", ["", "a\0b", "/x", "\\x", "a\\b", "C:x", "../x", "a/../../x"])
+def test_normalise_rejects(name: str) -> None:
+    with pytest.raises(ValueError):
+        _normalise(name)
+
+
+def test_normalise_folds_dots_and_slashes() -> None:
+    assert _normalise("./a//b/./c/") == "a/b/c"
+    assert _normalise("./") == ""
+
+
+def _zip_with(tmp_path: Path, info: zipfile.ZipInfo, data: bytes) -> Path:
+    path = tmp_path / "in.zip"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("ds/a.txt", b"ok")
+        zf.writestr(info, data)
+    return path
+
+
+def test_zip_symlink_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    info = zipfile.ZipInfo("ds/link")
+    info.create_system = 3
+    info.external_attr = (stat.S_IFLNK | 0o777) << 16
+    assert_refused(tmp_path, _zip_with(tmp_path, info, b"../../outside.txt"), "'ds/link'.*symlinks")
+
+
+def test_zip_dotdot_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    assert_refused(tmp_path, _zip_with(tmp_path, zipfile.ZipInfo("../evil"), b"x"), "'\\.\\.' component")
+
+
+def test_zip_duplicate_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    archive = write_zip(tmp_path / "in.zip", [("ds/a.txt", b"1"), ("ds/a.txt", b"2")])
+    assert_refused(tmp_path, archive, "duplicate")
+
+
+def test_zip_encrypted_member_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    path = write_zip(tmp_path / "in.zip", [("ds/a.txt", b"secret")])
+    raw = bytearray(path.read_bytes())
+    raw[6] |= 1  # general purpose flag, local header
+    central = raw.index(b"PK\x01\x02")
+    raw[central + 8] |= 1  # and in the central directory
+    path.write_bytes(bytes(raw))
+    assert_refused(tmp_path, path, "encrypted")
+
+
+def test_zip_bad_crc_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    path = tmp_path / "in.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("ds/a.txt", b"hello world " * 100)
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(b"hello world") + 500] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert_refused(tmp_path, path, "corrupt or truncated.*CRC")
+
+
+def _big_tgz(tmp_path: Path) -> Path:
+    text = b"".join(b"line %d of a compressible payload\n" % i for i in range(20000))
+    return write_tar(tmp_path / "in.tgz", [tinfo("ds/big.txt", text), tinfo("ds/a.txt", b"x")])
+
+
+def test_truncated_tgz_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    path = _big_tgz(tmp_path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert_refused(tmp_path, path, "corrupt or truncated")
+
+
+def test_flipped_byte_in_gzip_payload_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    path = _big_tgz(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    path.write_bytes(bytes(raw))
+    assert_refused(tmp_path, path, "corrupt or truncated")
+
+
+def test_bad_gzip_crc_alone_is_caught_by_draining(tmp_path: Path, sentinel: Path) -> None:
+    # Only the CRC trailer is wrong: every tar member decodes fine, so only reading the
+    # compressed stream to its end can notice.
+    path = _big_tgz(tmp_path)
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert_refused(tmp_path, path, "corrupt or truncated.*CRC")
+
+
+def test_bad_gzip_crc_past_tarfile_read_ahead_is_caught(tmp_path: Path, sentinel: Path) -> None:
+    # 256 KiB of zero padding after the end marker: tarfile never reads that far, so
+    # without draining the stream the CRC would never be checked.
+    path = _zeros_tgz(tmp_path / "in.tgz", "ds/small", 10, tail=256 * 2**10)
+    raw = bytearray(path.read_bytes())
+    raw[-8] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert_refused(tmp_path, path, "corrupt or truncated.*CRC")
+
+
+def test_plain_tar_truncated_at_a_member_boundary_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    path = write_tar(tmp_path / "in.tar", [tinfo("ds/a.txt", b"x" * 512), tinfo("ds/b.txt", b"y")], "w")
+    path.write_bytes(path.read_bytes()[:1024])  # first header + data, no end marker
+    assert_refused(tmp_path, path, "end-of-archive marker")
+
+
+def test_plain_tar_cut_mid_member_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    path = write_tar(tmp_path / "in.tar", [tinfo("ds/a.txt", BLOB)], "w")
+    path.write_bytes(path.read_bytes()[:1500])
+    assert_refused(tmp_path, path, "corrupt or truncated")
+
+
+def test_garbage_after_tar_end_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    path = write_tar(tmp_path / "in.tar", [tinfo("ds/a.txt", b"x")], "w")
+    path.write_bytes(path.read_bytes()[:1024] + b"\xff" * 512 + bytes(8192))
+    assert_refused(tmp_path, path, "end-of-archive marker")
+
+
+def _zeros_tgz(path: Path, name: str, size: int, tail: int = 0) -> Path:
+    """A tgz holding `size` zero bytes in one member, then `tail` zeros of padding."""
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1) as gz:
+        ti = tarfile.TarInfo(name)
+        ti.size = size
+        gz.write(ti.tobuf(tarfile.PAX_FORMAT))
+        chunk = bytes(1 << 20)
+        for _ in range(size // len(chunk)):
+            gz.write(chunk)
+        gz.write(bytes(size % len(chunk) + (-size) % 512 + 1024))
+        while tail > 0:
+            gz.write(chunk[:tail])
+            tail -= len(chunk)
+    return path
+
+
+def test_gzip_bomb_member_is_stopped_quickly(tmp_path: Path, sentinel: Path) -> None:
+    path = _zeros_tgz(tmp_path / "bomb.tgz", "ds/zeros", 50 * 2**20)
+    start = time.monotonic()
+    assert_refused(tmp_path, path, "'ds/zeros'.*member cap", Caps(max_member_bytes=2**20))
+    assert time.monotonic() - start < 2
+
+
+def test_gzip_bomb_in_trailing_padding_is_stopped(tmp_path: Path, sentinel: Path) -> None:
+    path = _zeros_tgz(tmp_path / "bomb.tgz", "ds/small", 10, tail=50 * 2**20)
+    assert_refused(tmp_path, path, "decompresses to more than")
+
+
+def test_max_members_cap(tmp_path: Path, sentinel: Path) -> None:
+    archive = write_tar(tmp_path / "in.tgz", [tinfo(f"ds/{i}", b"x") for i in range(5)])
+    assert_refused(tmp_path, archive, "more than 4 members", Caps(max_members=4))
+
+
+def test_max_total_bytes_cap(tmp_path: Path, sentinel: Path) -> None:
+    archive = write_tar(tmp_path / "in.tgz", [tinfo(f"ds/{i}", b"x" * 100) for i in range(3)])
+    assert_refused(tmp_path, archive, "'ds/2'.*more than 299 bytes", Caps(max_total_bytes=299))
+
+
+def test_max_member_bytes_cap(tmp_path: Path, sentinel: Path) -> None:
+    archive = write_tar(tmp_path / "in.tgz", [tinfo("ds/a", b"x" * 100)])
+    assert_refused(tmp_path, archive, "member cap", Caps(max_member_bytes=99))
+
+
+@pytest.mark.parametrize("body", [b"just some notes\n" * 100, b"", b"PK\x05\x06" + bytes(18)])
+def test_non_archive_is_refused_by_name(tmp_path: Path, sentinel: Path, body: bytes) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(body)
+    err = assert_refused(tmp_path, path, "not a tar")
+    assert str(path) in str(err)
+
+
+def test_gzipped_non_tar_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    path = tmp_path / "notes.gz"
+    path.write_bytes(gzip.compress(b"not a tar at all\n" * 1000))
+    err = assert_refused(tmp_path, path, "corrupt or truncated")
+    assert str(path) in str(err)
