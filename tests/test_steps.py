@@ -1,0 +1,199 @@
+"""The plain step functions and storage pieces, without Prefect."""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, TINY_FIGURES
+from storage.errors import ImageError, IntegrityError, LayoutError
+from storage.layout import find_layout, natural_key, split_files
+from storage.root import Root, verify_output
+from storage.shards import ShardMeta, iter_arrays, read_meta, write_shard
+from tasks.caching import content_key
+from tasks.convert import convert_tree, tree_entries
+from tasks.download import archive_name, download_archive
+from tasks.evaluate import accuracy, distances, evaluate_templates
+from tasks.report import render_markdown, write_report
+from tasks.templates import class_means, compute_templates
+from tasks.untar import untar_archive
+
+
+def test_distances_match_a_hand_computed_example():
+    x = torch.tensor([[0.0, 0.5, 1.0, 1.0]])
+    t = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # |0|+|.5|+|1|+|1| = 2.5 / 4 ; |1|+|.5|+0+0 = 1.5 / 4
+    assert distances(x, t, "l1").tolist() == [[0.625, 0.375]]
+    # sqrt((0+.25+1+1)/4) = 0.75 ; sqrt((1+.25)/4) = sqrt(.3125)
+    rmse = distances(x, t, "rmse")[0].tolist()
+    assert rmse[0] == pytest.approx(0.75) and rmse[1] == pytest.approx(0.3125 ** 0.5)
+    with pytest.raises(ValueError):
+        distances(x, t, "cosine")
+
+
+def test_streaming_mean_equals_full_mean():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(1000, 784), dtype=np.uint8)
+    labels = rng.integers(0, 3, size=1000)
+    batches = [(labels[i:i + 97], images[i:i + 97]) for i in range(0, 1000, 97)]
+    means, counts = class_means(batches, 3)
+    for c in range(3):
+        full = torch.from_numpy(images[labels == c]).float().div(255).mean(0).numpy()
+        assert np.allclose(means[c], full, atol=1e-6)
+        assert counts[c] == (labels == c).sum()
+    # the order of batches does not change a single bit
+    again, _ = class_means(reversed(batches), 3)
+    assert np.array_equal(means, again)
+
+
+def test_accuracy_per_class_balanced_overall_confusion():
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    pred = np.array([0, 0, 0, 1, 1, 0])
+    m = accuracy(labels, pred, 3)
+    assert m["per_class"] == [0.75, 0.5, None]
+    assert m["balanced"] == 0.625
+    assert m["overall"] == pytest.approx(4 / 6)
+    assert m["confusion"] == [[3, 1, 0], [1, 1, 0], [0, 0, 0]]
+
+
+def test_shard_round_trip_and_readers(tmp_path):
+    rng = np.random.default_rng(1)
+    imgs = rng.integers(0, 256, size=(5, 4, 3), dtype=np.uint8)
+    meta = ShardMeta(shape=(4, 3), classes=["a", "b"], split="train", source_sha256="ab" * 32)
+    write_shard(str(tmp_path / "s.parquet"), meta, [f"p{i}.png" for i in range(5)], np.array([0, 1, 1, 0, 1]), imgs)
+    root = Root(str(tmp_path))
+    (batch,) = iter_arrays(root, ["s.parquet"], ("path", "label_index", "image"))
+    assert np.array_equal(batch["image"].reshape(5, 4, 3), imgs)
+    assert batch["label_index"].tolist() == [0, 1, 1, 0, 1]
+    assert batch["path"] == [f"p{i}.png" for i in range(5)]
+    assert read_meta(root, "s.parquet")["shape"] == [4, 3]
+    # the same pixels through the analysts' tools
+    df = pq.read_table(tmp_path / "s.parquet").to_pandas()
+    assert df.label.tolist() == ["a", "b", "b", "a", "b"]
+    assert np.frombuffer(df.image[2], np.uint8).reshape(4, 3).tolist() == imgs[2].tolist()
+    assert duckdb.sql(f"select count(*), sum(octet_length(image)) from '{tmp_path}/s.parquet'").fetchall() == [(5, 60)]
+    pdf = pl.read_parquet(tmp_path / "s.parquet")
+    assert list(pdf["image"][4]) == imgs[4].ravel().tolist()
+
+
+def test_layout_finds_splits_classes_and_notes():
+    paths = ["data/train/10/a.png", "data/train/9/b.png", "data/train/2/c.png", "data/test/x.png",
+             "data/valid/9/d.png", "data/valid/10/e.png", "data/labels.csv", "data/train/.DS_Store"]
+    lay = find_layout(paths)
+    assert (lay.base, lay.train, lay.valid, lay.classes) == ("data", "train", "valid", ["2", "9", "10"])
+    assert any("test/ ignored" in n for n in lay.notes)
+    assert split_files(paths, lay, "valid") == [("data/valid/9/d.png", 1), ("data/valid/10/e.png", 2)]
+    assert sorted(["x10", "x9", "x1"], key=natural_key) == ["x1", "x9", "x10"]
+    with pytest.raises(LayoutError, match="data/valid/4/"):
+        find_layout(paths + ["data/valid/4/f.png"])
+    with pytest.raises(LayoutError, match="training split"):
+        find_layout(["valid/3/a.png"])
+    assert find_layout(paths, classes=["10", "2"]).classes == ["2", "10"]
+
+
+def test_atomic_publication_leaves_nothing_on_failure(tmp_path):
+    root = Root(str(tmp_path))
+    with pytest.raises(RuntimeError):
+        with root.publish_dir("a/b") as st:
+            st.write_bytes("x.bin", b"half")
+            raise RuntimeError("crash mid-write")
+    assert not (tmp_path / "a" / "b").exists()
+    assert [p.name for p in (tmp_path / "a").iterdir()] == []
+    with root.publish_dir("a/b") as st:
+        st.write_bytes("x.bin", b"whole")
+    desc = {"root": str(tmp_path), "dir": "a/b", "digest": st.digest}
+    verify_output(desc)
+    (tmp_path / "a" / "b" / "x.bin").write_bytes(b"whola")
+    with pytest.raises(IntegrityError, match="x.bin"):
+        verify_output(desc)
+    (tmp_path / "a" / "b" / "x.bin").unlink()
+    with pytest.raises(IntegrityError, match="missing"):
+        verify_output(desc)
+
+
+def test_cache_keys_depend_on_step_version_and_content():
+    class T:
+        def __init__(self, name, version):
+            self.name, self.version = name, version
+
+    class Ctx:
+        def __init__(self, task):
+            self.task = task
+
+    a = content_key(Ctx(T("templates", "1")), {"shards": {"digest": "x"}})
+    assert a == content_key(Ctx(T("templates", "1")), {"shards": {"digest": "x"}})
+    assert a != content_key(Ctx(T("evaluate", "1")), {"shards": {"digest": "x"}})
+    assert a != content_key(Ctx(T("templates", "2")), {"shards": {"digest": "x"}})
+    assert a != content_key(Ctx(T("templates", "1")), {"shards": {"digest": "y"}})
+
+
+def test_archive_name_is_safe():
+    assert archive_name("https://h/x/mnist_sample.tgz?sig=1") == "mnist_sample.tgz"
+    assert archive_name("/a/b/../..") == "archive" or ".." not in archive_name("/a/b/../..")
+
+
+@pytest.fixture(scope="module")
+def tiny_steps(tmp_path_factory):
+    """The plain functions chained on the real tiny archive."""
+    root = str(tmp_path_factory.mktemp("root"))
+    archive = download_archive(str(TINY), root)
+    tree = untar_archive(archive, root)
+    lay = find_layout(list(tree_entries(Root(root), tree)))
+    shards = convert_tree(tree, lay.to_dict(), "tiny", root, shard_size=300)
+    tmpl = compute_templates(shards, root)
+    ev = evaluate_templates(shards, tmpl, root)
+    rep = write_report("tiny", {"url": archive["url"], "sha256": archive["sha256"]}, shards, tmpl, ev, "l1",
+                       lay.notes, root)
+    return root, archive, tree, shards, tmpl, ev, rep
+
+
+def test_plain_pipeline_on_tiny(tiny_steps):
+    root, archive, tree, shards, tmpl, ev, rep = tiny_steps
+    for desc in (archive, tree, shards, tmpl, ev, rep):
+        verify_output(desc)
+    assert shards["counts"] == {"train": {"3": 350, "7": 350}, "valid": {"3": 350, "7": 350}}
+    assert [Path(p).name for p in shards["shards"]["train"]] == ["train-00000-of-00003.parquet",
+                                                                   "train-00001-of-00003.parquet",
+                                                                   "train-00002-of-00003.parquet"]
+    r = rep["report"]
+    for metric, want in TINY_FIGURES.items():
+        assert r["metrics"][metric]["balanced"] == want["balanced"]
+        assert r["metrics"][metric]["per_class"] == {"3": want["3"], "7": want["7"]}
+    md = render_markdown(r)
+    assert "| 3 | 350 | 350 | 0.8829 | 0.9429 |" in md
+    # template PNGs are viewable images of the means
+    png = Image.open(Path(root) / tmpl["dir"] / "3.png")
+    assert png.size == (28, 28) and png.mode == "L"
+    meta = read_meta(Root(root), shards["shards"]["valid"][0])
+    assert meta["classes"] == ["3", "7"] and meta["source_sha256"] == archive["sha256"]
+
+
+def test_convert_lists_every_bad_file(tmp_path):
+    buf = io.BytesIO()
+    good = io.BytesIO()
+    Image.new("L", (28, 28), 7).save(good, "PNG")
+    files = {"d/train/a/1.png": good.getvalue(), "d/train/a/2.png": b"junk", "d/train/b/1.png": good.getvalue(),
+             "d/valid/a/1.png": good.getvalue(), "d/valid/b/9.png": b""}
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    (tmp_path / "a.tgz").write_bytes(buf.getvalue())
+    root = str(tmp_path / "root")
+    tree = untar_archive(download_archive(str(tmp_path / "a.tgz"), root), root)
+    lay = find_layout(list(tree_entries(Root(root), tree)))
+    with pytest.raises(ImageError) as e:
+        convert_tree(tree, lay.to_dict(), "d", root)
+    assert "2 bad image file(s)" in str(e.value)
+    assert "d/train/a/2.png" in str(e.value) and "d/valid/b/9.png" in str(e.value)
+    assert not (tmp_path / "root" / "shards").exists() or not list((tmp_path / "root" / "shards").rglob("*.parquet"))
