@@ -268,3 +268,27 @@ def extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *,
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
     return sorted(w.members, key=lambda m: m.path)
+
+
+def pack_folder(folder: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Tar an already-extracted folder deterministically, so it flows through the same
+    verified, content-addressed path as a downloaded archive (and edits to the folder
+    after the run cannot change what was converted).
+
+    Only regular files and folders are taken; a symlink or special file is refused.
+    """
+    folder = os.fspath(folder)
+    top = os.path.basename(os.path.normpath(folder)) or "data"
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
+        for here, dirs, files in os.walk(folder):
+            dirs.sort()
+            for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(here, d))]:
+                full = os.path.join(here, name)
+                rel = os.path.relpath(full, folder).replace(os.sep, "/")
+                st = os.lstat(full)
+                if not stat.S_ISREG(st.st_mode):
+                    raise ArchiveError(f"{full}: not a regular file (symlinks and special files are refused)")
+                info = tarfile.TarInfo(f"{top}/{rel}")
+                info.size, info.mode, info.mtime = st.st_size, 0o644, 0
+                with open(full, "rb") as f:
+                    tf.addfile(info, f)

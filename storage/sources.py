@@ -1,11 +1,14 @@
 """A cheap fingerprint of what a source URL currently serves, for cache keys."""
 from __future__ import annotations
 
+import os
+
 import httpx
 import fsspec
 
 from storage.errors import DownloadError
 from storage.fetch import redact
+from storage.root import digest_json
 
 
 def fingerprint(url: str, timeout: float = 5.0) -> dict:
@@ -23,6 +26,12 @@ def fingerprint(url: str, timeout: float = 5.0) -> dict:
             return {"status": resp.status_code}
         h = resp.headers
         return {k: h.get(k) for k in ("etag", "last-modified", "content-length") if h.get(k)}
+    if os.path.isdir(url):
+        # a folder changes when any file below it does: list them all (stat only)
+        listing = sorted((os.path.relpath(os.path.join(d, f), url), st.st_size, st.st_mtime_ns)
+                         for d, _, files in os.walk(url) for f in files
+                         for st in [os.lstat(os.path.join(d, f))])
+        return {"folder": digest_json(listing), "files": len(listing)}
     try:
         fs, path = fsspec.core.url_to_fs(url)
         info = fs.info(path)
