@@ -11,6 +11,8 @@ def _quiet_prefect_defaults() -> None:
     """Offline-friendly defaults a user can still override from the environment."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+    # a first temporary server migrates a new database: 20 s is too short on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def _size(text: str) -> list[int]:
@@ -25,8 +27,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pixelsim", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pixel-similarity flow")
-    run.add_argument("--dataset", default="mnist_sample", help="a named dataset (see `pixelsim datasets`) "
-                     "or, with --source, the name its outputs are filed under")
+    run.add_argument("--dataset", help="a named dataset (see `pixelsim datasets`; default mnist_sample) or, "
+                     "with --source, the name its outputs are filed under (default: the source's file name)")
     run.add_argument("--source", help="archive URL or path (any fsspec URL); never falls back")
     run.add_argument("--sha256", help="expected sha256 of the --source archive (verified before extraction)")
     run.add_argument("--root", default=os.environ.get("PIXELSIM_ROOT", "pixelsim-data"),
@@ -41,6 +43,10 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--train-split", help="name of the training split folder")
     run.add_argument("--valid-split", help="name of the validation split folder")
     run.add_argument("--device", default="cpu", help="torch device for templates and evaluation")
+    run.add_argument("--task-runner", choices=["thread", "process", "dask"], default="thread",
+                     help="where mapped steps (convert, evaluate) run")
+    run.add_argument("--workers", type=int, help="parallel workers for the task runner (default: CPU count)")
+    run.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (with --task-runner dask)")
     sub.add_parser("datasets", help="list the named datasets")
     return p
 
@@ -54,11 +60,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _quiet_prefect_defaults()
     from flows.pixel_similarity import pixel_similarity
+    from flows.runners import task_runner
     from storage.errors import PixelsimError
 
+    if args.dataset is None:
+        from tasks.download import dataset_name
+        args.dataset = dataset_name(args.source) if args.source else "mnist_sample"
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     try:
-        out = pixel_similarity(dataset=args.dataset, source=args.source, root=args.root, metric=args.metric,
+        flow = pixel_similarity.with_options(task_runner=task_runner(args.task_runner, args.workers,
+                                                                     args.dask_address))
+        out = flow(dataset=args.dataset, source=args.source, root=args.root, metric=args.metric,
                                refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
                                resize=args.resize, classes=classes, train_split=args.train_split,
                                valid_split=args.valid_split, device=args.device,

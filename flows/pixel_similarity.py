@@ -13,9 +13,9 @@ from storage.fetch import redact
 from storage.layout import find_layout
 from storage.root import Root, verify_output
 from storage.sources import fingerprint
-from tasks.convert import convert, tree_entries
+from tasks.convert import BadImages, convert, finish_shards, plan_shards, tree_listing
 from tasks.download import download
-from tasks.evaluate import METRICS, evaluate
+from tasks.evaluate import METRICS, evaluate, evaluation_dir, finish_evaluation
 from tasks.report import render_markdown, report
 from tasks.templates import templates
 from tasks.untar import untar
@@ -45,6 +45,38 @@ class Steps:
                 hit = False
         self.cached[t.name] = hit
         return out
+
+    def map(self, t: Any, items: list, names: list[str], **kwargs: Any) -> list[dict]:
+        """One task run per item (named `names[i]`), run concurrently on the flow's task runner.
+
+        Failures are gathered, so bad images from every shard are reported together.
+        """
+        fresh = t.with_options(refresh_cache=True)
+        first = fresh if self.refresh else t
+        futures = [first.with_options(task_run_name=n).submit(item, **kwargs) for item, n in zip(items, names)]
+        outs, hits, failures = [], [], []
+        for item, name, future in zip(items, names, futures):
+            future.wait()
+            state = future.state
+            if not state.is_completed():
+                failures.append(state.result(raise_on_failure=False))
+                continue
+            out, hit = state.result(), state.name == "Cached"
+            if hit:
+                try:
+                    verify_output(out)
+                except IntegrityError as e:
+                    get_run_logger().warning("%s: cached result no longer valid (%s); recomputing", name, e)
+                    out, hit = fresh.with_options(task_run_name=name)(item, **kwargs), False
+            outs.append(out)
+            hits.append(hit)
+        if failures:
+            bad = [e for f in failures if isinstance(f, BadImages) for e in f.errors]
+            if bad:
+                raise BadImages(bad)
+            raise failures[0] if isinstance(failures[0], BaseException) else PixelsimError(str(failures[0]))
+        self.cached[t.name] = all(hits)
+        return outs
 
 
 def artifact_key(dataset: str, what: str) -> str:
@@ -97,11 +129,19 @@ def pixel_similarity(dataset: str = "mnist_sample", source: str | None = None, r
     run = Steps(refresh)
     archive, src = fetch_source(run, dataset, source, root, sha256)
     tree = run(untar, archive, root)
-    layout = find_layout(list(tree_entries(Root(root), tree)), train_split=train_split,
+    entries, folders = tree_listing(Root(root), tree)
+    layout = find_layout(list(entries), folders=folders, train_split=train_split,
                          valid_split=valid_split, classes=classes)
-    shards = run(convert, tree, layout.to_dict(), dataset, root, shard_size, channels, resize)
+    plan = plan_shards(tree, layout.to_dict(), dataset, root, shard_size, channels, resize)
+    done = run.map(convert, plan["plans"], [p["name"] for p in plan["plans"]], tree=tree, classes=plan["classes"],
+                   shape=plan["shape"], root=root, channels=channels, resize=bool(resize))
+    shards = finish_shards(plan, done, root)
     tmpl = run(templates, shards, root, device)
-    ev = run(evaluate, shards, tmpl, root, device)
+    out_dir = evaluation_dir(shards, tmpl)
+    valid = shards["shards"]["valid"]
+    parts = run.map(evaluate, valid, [f"evaluate-{i:05d}" for i in range(len(valid))], templates=tmpl,
+                    out_dir=out_dir, root=root, device=device)
+    ev = finish_evaluation(out_dir, tmpl["classes"], parts, root)
     rep = run(report, dataset, src, shards, tmpl, ev, metric, layout.notes, root)
     result = rep["report"]
     reused = [s for s in STEPS if run.cached.get(s)]

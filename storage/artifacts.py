@@ -13,7 +13,6 @@ from storage.images import encode_png
 from storage.root import Root, Staging
 
 TEMPLATES = "templates.parquet"
-PREDICTIONS = "predictions.parquet"
 
 
 def write_templates(staging: Staging, classes: list[str], counts: list[int], means: np.ndarray,
@@ -42,7 +41,7 @@ def read_templates(root: Root, rel: str) -> tuple[list[str], np.ndarray, tuple[i
     return table.column("class").to_pylist(), means, shape
 
 
-def write_predictions(staging: Staging, columns: dict[str, list | np.ndarray]) -> None:
+def write_predictions(path: str, columns: dict[str, list | np.ndarray]) -> None:
     dist = columns["distances"]
     table = pa.table({
         "path": pa.array(columns["path"], pa.string()),
@@ -53,8 +52,7 @@ def write_predictions(staging: Staging, columns: dict[str, list | np.ndarray]) -
         "distance": pa.array(columns["distance"], pa.float32()),
         "distances": pa.FixedSizeListArray.from_arrays(pa.array(dist.ravel(), pa.float32()), dist.shape[1]),
     })
-    pq.write_table(table, staging.file(PREDICTIONS), compression="zstd")
-    staging.add(PREDICTIONS)
+    pq.write_table(table, path, compression="zstd")
 
 
 def confusion_csv(classes: list[str], matrix: list[list[int]]) -> bytes:

@@ -192,3 +192,13 @@ def encode_png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def peek_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) from the header alone, or None if unreadable (decode() will say why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+        return h, w
+    except Exception:  # noqa: BLE001 - any failure here is reported by decode()
+        return None

@@ -34,13 +34,14 @@ def _hidden(path: str) -> bool:
     return any(p.startswith(".") or p == "__MACOSX" for p in path.split("/"))
 
 
-def _index(paths: list[str]) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
+def _index(paths: list[str], folders: list[str]) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
     """Child folders and direct files of every folder."""
     dirs: dict[str, set[str]] = defaultdict(set)
     files: dict[str, list[str]] = defaultdict(list)
-    for p in paths:
+    for p in paths + [f + "/" for f in folders]:
         parent, name = posixpath.split(p)
-        files[parent].append(name)
+        if name:
+            files[parent].append(name)
         while parent:
             up, leaf = posixpath.split(parent)
             dirs[up].add(leaf)
@@ -52,11 +53,11 @@ def _class_folders(dirs: dict[str, set[str]], split: str) -> list[str]:
     return sorted(dirs.get(split, ()), key=natural_key)
 
 
-def find_layout(paths: list[str], *, train_split: str | None = None, valid_split: str | None = None,
+def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str | None = None, valid_split: str | None = None,
                 classes: list[str] | None = None) -> Layout:
     """Locate the splits and classes; explicit split names win over the usual ones."""
     paths = [p for p in paths if not _hidden(p)]
-    dirs, files = _index(paths)
+    dirs, files = _index(paths, [d for d in folders if not _hidden(d)])
     train_names = (train_split,) if train_split else TRAIN_NAMES
     base = None
     for folder in sorted(dirs, key=lambda d: (d.count("/") + bool(d), d)):

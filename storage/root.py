@@ -1,6 +1,6 @@
 """The storage root: one fsspec location holding every artifact, published atomically.
 
-Readers trust only what a `manifest.json` lists: each artifact folder is written under
+Readers trust only what a `_manifest.json` lists: each artifact folder is written under
 a temporary name, its manifest last, and then renamed into place.
 """
 from __future__ import annotations
@@ -21,12 +21,22 @@ from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import IntegrityError
 
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+PARTS = "_parts"   # parts written by parallel tasks wait here until their folder is published
 CHUNK = 1 << 20
 
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str) -> tuple[str, int]:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
 
 
 def digest_json(obj: Any) -> str:
@@ -142,6 +152,50 @@ class Root:
             os.rename(src, dest)
             shutil.rmtree(old, ignore_errors=True)
 
+    @contextlib.contextmanager
+    def staged_file(self, rel: str) -> Iterator[str]:
+        """A local path to write `rel` to, published by rename only if the block succeeds."""
+        if not self.local:
+            with tempfile.TemporaryDirectory(prefix="pixelsim-") as tmp_dir:
+                tmp = os.path.join(tmp_dir, posixpath.basename(rel))
+                yield tmp
+                publish_file(self, tmp, rel)
+            return
+        full = self.path(rel)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            yield tmp
+            os.replace(tmp, full)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def promote(self, src: str, dest: str) -> None:
+        """Move a finished part into its published place (a rename on local disk)."""
+        if self.local:
+            os.makedirs(os.path.dirname(self.path(dest)), exist_ok=True)
+            os.replace(self.path(src), self.path(dest))
+        else:
+            self.fs.mv(self.path(src), self.path(dest))
+
+    def write_manifest(self, rel: str, files: list[dict], **meta: Any) -> str:
+        """Publish the manifest of a folder whose files were published one by one; returns its digest.
+
+        Unchanged manifests are not rewritten, so a fully cached run writes nothing.
+        """
+        files = sorted(files, key=lambda f: f["name"])
+        digest = digest_json(files)
+        body = {"files": files, "digest": digest, **meta}
+        name = posixpath.join(rel, MANIFEST)
+        try:
+            if self.read_json(name) == json.loads(json.dumps(body)):
+                return digest
+        except (FileNotFoundError, ValueError):
+            pass
+        self.write_bytes_atomic(name, json.dumps(body, indent=1).encode())
+        return digest
+
     def write_bytes_atomic(self, rel: str, data: bytes) -> None:
         full = self.path(rel)
         tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
@@ -198,12 +252,7 @@ class Staging:
     def add(self, name: str, *, sha256: str | None = None, size: int | None = None) -> None:
         """Record a file written under `name`; hashes it unless the caller already did."""
         if sha256 is None or size is None:
-            h, size = hashlib.sha256(), 0
-            with open(self.file(name), "rb") as f:
-                while block := f.read(CHUNK):
-                    h.update(block)
-                    size += len(block)
-            sha256 = h.hexdigest()
+            sha256, size = sha256_file(self.file(name))
         self.files[name] = {"name": name, "bytes": size, "sha256": sha256}
 
     def write_bytes(self, name: str, data: bytes) -> None:
@@ -248,3 +297,20 @@ def verify_output(desc: dict) -> None:
     manifest = root.verify(desc["dir"], deep=desc.get("deep", True))
     if manifest["digest"] != desc["digest"]:
         raise IntegrityError(f"{root.uri(desc['dir'])}: replaced by other content")
+
+
+def part_of(rel: str) -> str:
+    """Where a parallel task writes the file that its folder's publication will promote to `rel`."""
+    return posixpath.join(posixpath.dirname(rel), PARTS, posixpath.basename(rel))
+
+
+def publish_parts(root: Root, folder: str, results: list[dict], **meta: Any) -> str:
+    """Promote the parts that tasks wrote (cached ones are already in place), then write the
+    manifest last; returns the manifest digest."""
+    for x in results:
+        part = part_of(x["file"])
+        if root.exists(part):
+            root.promote(part, x["file"])
+    root.remove(posixpath.join(folder, PARTS))
+    files = [{"name": posixpath.basename(x["file"]), "bytes": x["bytes"], "sha256": x["sha256"]} for x in results]
+    return root.write_manifest(folder, files, **meta)

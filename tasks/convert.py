@@ -1,95 +1,166 @@
-"""Step 3: decode every image of the train and valid splits into Parquet shards."""
+"""Step 3: decode every image of the train and valid splits into Parquet shards.
+
+Planned once, then one task per shard (`convert-train-00003`), so shards convert in
+parallel on any task runner, cache one by one, and a lost shard is rebuilt alone.
+"""
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 import math
 import posixpath
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
 from storage.errors import ImageError, LayoutError
-from storage.images import decode
+from storage.images import decode, peek_size
 from storage.layout import Layout, split_files
-from storage.root import Root, digest_json
+from storage.root import MANIFEST, Root, digest_json, part_of, publish_parts, sha256_file
 from storage.shards import ShardMeta, shard_name, write_shard
 from tasks.caching import step
 
-VERSION = "1"
+VERSION = "2"
 SPLITS = ("train", "valid")
 MAX_LISTED = 20
 
 
-def tree_entries(root: Root, tree: dict) -> dict[str, dict]:
-    """Manifest entries of the extracted files, keyed by their path inside the archive."""
-    manifest = root.read_json(posixpath.join(tree["dir"], "manifest.json"))
+def tree_listing(root: Root, tree: dict) -> tuple[dict[str, dict], list[str]]:
+    """Manifest entries of the extracted files keyed by their path inside the archive, and
+    the archive's folders (an empty class folder has no file to show it)."""
+    manifest = root.read_json(posixpath.join(tree["dir"], MANIFEST))
     prefix = "files/"
-    return {e["name"][len(prefix):]: e for e in manifest["files"] if e["name"].startswith(prefix)}
+    entries = {e["name"][len(prefix):]: e for e in manifest["files"] if e["name"].startswith(prefix)}
+    return entries, manifest.get("dirs", [])
 
 
-def read_image(root: Root, tree_dir: str, path: str, entry: dict, *, channels: int,
+def tree_entries(root: Root, tree: dict) -> dict[str, dict]:
+    return tree_listing(root, tree)[0]
+
+
+def common_size(root: Root, tree: dict, files: list[list], sample: int = 101) -> tuple[int, int]:
+    """The most common image size among evenly spread training files, so that one odd file,
+    even the first, is the one reported as mis-sized."""
+    step_ = max(1, len(files) // sample)
+    sizes = Counter(peek_size(root.read_bytes(posixpath.join(tree["dir"], "files", f[0])))
+                    for f in files[::step_][:sample])
+    sizes.pop(None, None)
+    if not sizes:
+        first = files[0]
+        return read_image(root, tree["dir"], first[0], first[2], first[3], channels=1, size=None,
+                          resize=False).shape[:2]
+    return max(sizes.items(), key=lambda kv: kv[1])[0]
+
+
+def read_image(root: Root, tree_dir: str, path: str, sha256: str, size_bytes: int, *, channels: int,
                size: tuple[int, int] | None, resize: bool) -> np.ndarray:
     """Decode one extracted file, checking its bytes against the extraction manifest."""
     data = root.read_bytes(posixpath.join(tree_dir, "files", path))
-    if len(data) != entry["bytes"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+    if len(data) != size_bytes or hashlib.sha256(data).hexdigest() != sha256:
         raise ImageError(f"{path}: changed since extraction (does not match the manifest)")
     return decode(data, path, channels=channels, size=size, resize=resize)
 
 
-def convert_tree(tree: dict, layout: dict, dataset: str, root: str, shard_size: int = 5000,
-                 channels: int = 1, resize: list[int] | None = None) -> dict:
-    """Write shards/<dataset>/<key>/<split>-NNNNN-of-NNNNN.parquet for train and valid.
+def plan_shards(tree: dict, layout: dict, dataset: str, root: str, shard_size: int = 5000,
+                channels: int = 1, resize: list[int] | None = None) -> dict:
+    """Split both splits' files into shards; fix the image shape from the first training image.
 
-    Every unreadable or mis-sized file is collected, so one failed run lists them all.
+    Returns {"dir", "shape", "counts", "plans"}; each plan lists its files with their digests
+    so a shard task's cache key changes exactly when its own inputs do.
     """
     r = Root(root)
     lay = Layout(**layout)
     entries = tree_entries(r, tree)
-    paths = list(entries)
-    key = digest_json([tree["digest"], layout, shard_size, channels, resize, VERSION])[:16]
-    rel = f"shards/{dataset}/{key}"
-    size = tuple(resize) if resize else None
-    counts: dict[str, dict[str, int]] = {}
-    shards: dict[str, list[str]] = {}
-    errors: list[str] = []
-    with r.publish_dir(rel) as st:
-        for role, folder in zip(SPLITS, (lay.train, lay.valid)):
-            files = split_files(paths, lay, folder)
-            if not files:
-                raise LayoutError(f"split {folder}/ holds no images of classes {lay.classes}")
-            labels = np.array([c for _, c in files], dtype=np.int64)
-            counts[role] = {c: int((labels == i).sum()) for i, c in enumerate(lay.classes)}
-            n_shards = math.ceil(len(files) / shard_size)
-            shards[role] = []
-            for i in range(n_shards):
-                chunk = files[i * shard_size:(i + 1) * shard_size]
-                images = []
-                for path, _ in chunk:
-                    try:
-                        img = read_image(r, tree["dir"], path, entries[path], channels=channels,
-                                         size=size, resize=bool(resize))
-                    except ImageError as e:
-                        errors.append(str(e))
-                        continue
-                    if size is None:
-                        size = img.shape[:2]
-                    images.append(img)
-                if errors:
-                    continue
-                name = shard_name(role, i, n_shards)
-                meta = ShardMeta(shape=images[0].shape, classes=lay.classes, split=folder,
-                                 source_sha256=tree.get("archive_sha256", ""))
-                write_shard(st.file(name), meta, [p for p, _ in chunk], labels[i * shard_size:][:len(chunk)],
-                            np.stack(images))
-                st.add(name)
-                shards[role].append(f"{rel}/{name}")
-        if errors:
-            listed = "\n  ".join(errors[:MAX_LISTED])
-            more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
-            raise ImageError(f"{len(errors)} bad image file(s) in {r.uri(tree['dir'])}/files:\n  {listed}{more}")
-        st.meta.update(dataset=dataset, classes=lay.classes, shape=list(size) + ([3] if channels == 3 else []),
-                       counts=counts)
-    return {"root": root, "dir": rel, "digest": st.digest, "classes": lay.classes,
-            "shape": list(size) + ([3] if channels == 3 else []), "counts": counts, "shards": shards}
+    rel = f"shards/{dataset}/{digest_json([tree['digest'], layout, shard_size, channels, resize, VERSION])[:16]}"
+    plans, counts = [], {}
+    for role, folder in zip(SPLITS, (lay.train, lay.valid)):
+        files = split_files(list(entries), lay, folder)
+        if not files:
+            raise LayoutError(f"split {folder}/ holds no images of classes {', '.join(lay.classes)}")
+        labels = np.array([c for _, c in files])
+        counts[role] = {c: int((labels == i).sum()) for i, c in enumerate(lay.classes)}
+        n = math.ceil(len(files) / shard_size)
+        for i in range(n):
+            chunk = files[i * shard_size:(i + 1) * shard_size]
+            plans.append({"split": role, "folder": folder, "index": i, "count": n,
+                          "name": f"convert-{role}-{i:05d}", "file": f"{rel}/{shard_name(role, i, n)}",
+                          "files": [[p, c, entries[p]["sha256"], entries[p]["bytes"]] for p, c in chunk]})
+    train = [f for p in plans if p["split"] == "train" for f in p["files"]]
+    shape = list(resize) if resize else list(common_size(r, tree, train))
+    shape += [3] if channels == 3 else []
+    return {"dir": rel, "shape": shape, "counts": counts, "classes": lay.classes, "plans": plans}
 
 
-convert = step("convert", VERSION)(convert_tree)
+def convert_shard(plan: dict, tree: dict, classes: list[str], shape: list[int], root: str,
+                  channels: int = 1, resize: bool = False) -> dict:
+    """Decode one shard's files and publish its Parquet file; every bad file is listed."""
+    r = Root(root)
+    images, errors = [], []
+    for path, _, sha, nbytes in plan["files"]:
+        try:
+            images.append(read_image(r, tree["dir"], path, sha, nbytes, channels=channels,
+                                     size=tuple(shape[:2]), resize=resize))
+        except ImageError as e:
+            errors.append(str(e))
+    if errors:
+        raise BadImages(errors)
+    meta = ShardMeta(shape=tuple(shape), classes=classes, split=plan["folder"],
+                     source_sha256=tree.get("archive_sha256", ""))
+    with r.staged_file(part_of(plan["file"])) as tmp:
+        write_shard(tmp, meta, [f[0] for f in plan["files"]], np.array([f[1] for f in plan["files"]]),
+                    np.stack(images))
+        digest, size = sha256_file(tmp)
+    return {"root": root, "file": plan["file"], "sha256": digest, "bytes": size, "rows": len(images),
+            "split": plan["split"]}
+
+
+class BadImages(ImageError):
+    """Every unreadable or mis-sized file of a shard (or of a whole run, once merged)."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        listed = "\n  ".join(errors[:MAX_LISTED])
+        more = f"\n  ... and {len(errors) - MAX_LISTED} more" if len(errors) > MAX_LISTED else ""
+        super().__init__(f"{len(errors)} bad image file(s):\n  {listed}{more}")
+
+    def __reduce__(self):  # keep the list when crossing a process boundary
+        return (BadImages, (self.errors,))
+
+
+def finish_shards(plan: dict, results: list[dict], root: str) -> dict:
+    """Publish the shard folder's manifest (last) and describe the whole set."""
+    digest = publish_parts(Root(root), plan["dir"], results, classes=plan["classes"], shape=plan["shape"],
+                           counts=plan["counts"])
+    shards = {s: [x["file"] for x in results if x["split"] == s] for s in SPLITS}
+    return {"root": root, "dir": plan["dir"], "digest": digest, "classes": plan["classes"],
+            "shape": plan["shape"], "counts": plan["counts"], "shards": shards}
+
+
+def convert_tree(tree: dict, layout: dict, dataset: str, root: str, shard_size: int = 5000,
+                 channels: int = 1, resize: list[int] | None = None, workers: int = 1) -> dict:
+    """All shards without Prefect (benchmarks, scripts): a process pool when workers > 1."""
+    plan = plan_shards(tree, layout, dataset, root, shard_size, channels, resize)
+    args = [(p, tree, plan["classes"], plan["shape"], root, channels, bool(resize)) for p in plan["plans"]]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            futures = [pool.submit(convert_shard, *a) for a in args]
+            outcomes = [_outcome(f.result) for f in futures]
+    else:
+        outcomes = [_outcome(lambda a=a: convert_shard(*a)) for a in args]
+    errors = [e for o in outcomes if isinstance(o, BadImages) for e in o.errors]
+    if errors:
+        raise BadImages(errors)
+    for o in outcomes:
+        if isinstance(o, BaseException):
+            raise o
+    return finish_shards(plan, outcomes, root)
+
+
+def _outcome(result) -> dict | BadImages:
+    try:
+        return result()
+    except BadImages as e:
+        return e
+
+
+convert = step("convert", VERSION)(convert_shard)

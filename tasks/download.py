@@ -22,6 +22,14 @@ def archive_name(url: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "archive"
 
 
+def dataset_name(url: str) -> str:
+    """What a --source is filed under when no --dataset is given: its name without suffixes."""
+    name = archive_name(url)
+    for suffix in (".tar.gz", ".tar.bz2", ".tar.xz", ".tgz", ".tar", ".zip"):
+        name = name.removesuffix(suffix)
+    return name.lower() or "dataset"
+
+
 def download_archive(url: str, root: str, pins: dict | None = None, attempts: int = 5,
                      fingerprint: dict | None = None) -> dict:
     """Fetch `url` and publish it content-addressed as archives/<sha256[:16]>/<name>.

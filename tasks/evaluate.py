@@ -1,17 +1,18 @@
 """Step 5: classify every validation image by its nearest template, by L1 and by RMSE."""
 from __future__ import annotations
 
+import json
 import posixpath
 
 import numpy as np
 import torch
 
-from storage.artifacts import PREDICTIONS, TEMPLATES, read_templates, write_predictions
-from storage.root import Root, digest_json
+from storage.artifacts import TEMPLATES, read_templates, write_predictions
+from storage.root import Root, digest_json, part_of, publish_parts, sha256_bytes, sha256_file
 from storage.shards import iter_arrays
 from tasks.caching import step
 
-VERSION = "1"
+VERSION = "2"
 METRICS = ("l1", "rmse")
 
 
@@ -33,14 +34,13 @@ def distances(x: torch.Tensor, templates: torch.Tensor, metric: str) -> torch.Te
     return torch.stack(cols, dim=1)
 
 
-def accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> dict:
-    """Per-class accuracy, their mean ("balanced"), overall accuracy and the confusion matrix."""
-    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(confusion, (labels, predicted), 1)
+def accuracy(confusion: np.ndarray) -> dict:
+    """Per-class accuracy, their mean ("balanced"), overall accuracy, from a confusion matrix."""
+    confusion = np.asarray(confusion, dtype=np.int64)
     totals = confusion.sum(axis=1)
     present = totals > 0
     per_class = np.diag(confusion)[present] / totals[present]
-    by_class: list[float | None] = [None] * n_classes
+    by_class: list[float | None] = [None] * len(confusion)
     for i, acc in zip(np.flatnonzero(present), per_class):
         by_class[i] = float(acc)
     return {"per_class": by_class, "balanced": float(per_class.mean()),
@@ -48,42 +48,66 @@ def accuracy(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> dict:
             "confusion": confusion.tolist()}
 
 
-def evaluate_templates(shards: dict, templates: dict, root: str, device: str = "cpu") -> dict:
-    """Write evaluations/<key>/predictions.parquet and return the metrics for both distances."""
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, predicted), 1)
+    return confusion
+
+
+def evaluation_dir(shards: dict, templates: dict) -> str:
+    return f"evaluations/{digest_json([shards['digest'], templates['digest'], VERSION])[:16]}"
+
+
+def evaluate_shard(shard: str, templates: dict, out_dir: str, root: str, device: str = "cpu") -> dict:
+    """Predict one validation shard by both distances; publish its predictions part file."""
     r = Root(root)
     classes, means, _ = read_templates(r, posixpath.join(templates["dir"], TEMPLATES))
     t = torch.from_numpy(np.array(means)).to(device)
+    (batch,) = iter_arrays(r, [shard], ("path", "label_index", "image"))
+    x = torch.from_numpy(batch["image"]).to(device).float() / 255.0
+    labels = batch["label_index"].astype(np.int64)
+    names = np.array(classes, dtype=object)
     cols: dict[str, list] = {k: [] for k in ("path", "label", "metric", "predicted", "correct", "distance",
                                             "distances")}
-    labels_all: list[np.ndarray] = []
-    preds: dict[str, list[np.ndarray]] = {m: [] for m in METRICS}
-    names = np.array(classes, dtype=object)
-    for batch in iter_arrays(r, shards["shards"]["valid"], ("path", "label_index", "image")):
-        x = torch.from_numpy(batch["image"]).to(device).float() / 255.0
-        labels = batch["label_index"].astype(np.int64)
-        labels_all.append(labels)
-        for m in METRICS:
-            d = distances(x, t, m)
-            best = d.argmin(dim=1)
-            pred = best.cpu().numpy()
-            preds[m].append(pred)
-            cols["path"] += batch["path"]
-            cols["label"] += names[labels].tolist()
-            cols["metric"] += [m] * len(labels)
-            cols["predicted"] += names[pred].tolist()
-            cols["correct"] += (pred == labels).tolist()
-            cols["distance"].append(d.gather(1, best[:, None])[:, 0].cpu().numpy())
-            cols["distances"].append(d.cpu().numpy())
-    labels = np.concatenate(labels_all)
-    metrics = {m: accuracy(labels, np.concatenate(preds[m]), len(classes)) for m in METRICS}
+    confusion = {}
+    for m in METRICS:
+        d = distances(x, t, m)
+        best = d.argmin(dim=1)
+        pred = best.cpu().numpy()
+        confusion[m] = confusion_matrix(labels, pred, len(classes)).tolist()
+        cols["path"] += batch["path"]
+        cols["label"] += names[labels].tolist()
+        cols["metric"] += [m] * len(labels)
+        cols["predicted"] += names[pred].tolist()
+        cols["correct"] += (pred == labels).tolist()
+        cols["distance"].append(d.gather(1, best[:, None])[:, 0].cpu().numpy())
+        cols["distances"].append(d.cpu().numpy())
     cols["distance"] = np.concatenate(cols["distance"])
     cols["distances"] = np.concatenate(cols["distances"])
-    rel = f"evaluations/{digest_json([shards['digest'], templates['digest'], VERSION])[:16]}"
-    with r.publish_dir(rel) as st:
-        write_predictions(st, cols)
-        st.write_json("metrics.json", {"classes": classes, "metrics": metrics})
-    return {"root": root, "dir": rel, "digest": st.digest, "classes": classes, "metrics": metrics,
-            "predictions": f"{rel}/{PREDICTIONS}"}
+    rel = f"{out_dir}/predictions-{posixpath.basename(shard).removesuffix('.parquet')}.parquet"
+    with r.staged_file(part_of(rel)) as tmp:
+        write_predictions(tmp, cols)
+        digest, size = sha256_file(tmp)
+    return {"root": root, "file": rel, "sha256": digest, "bytes": size, "confusion": confusion}
 
 
-evaluate = step("evaluate", VERSION)(evaluate_templates)
+def finish_evaluation(out_dir: str, classes: list[str], results: list[dict], root: str) -> dict:
+    """Sum the shards' confusion matrices into metrics; publish _metrics.json and the manifest."""
+    r = Root(root)
+    metrics = {m: accuracy(sum(np.array(x["confusion"][m]) for x in results)) for m in METRICS}
+    body = json.dumps({"classes": classes, "metrics": metrics}, indent=2).encode()
+    r.write_bytes_atomic(f"{out_dir}/_metrics.json", body)
+    metrics_file = {"file": f"{out_dir}/_metrics.json", "bytes": len(body), "sha256": sha256_bytes(body)}
+    digest = publish_parts(r, out_dir, [*results, metrics_file], classes=classes)
+    return {"root": root, "dir": out_dir, "digest": digest, "classes": classes, "metrics": metrics,
+            "predictions": f"{out_dir}/predictions-*.parquet"}
+
+
+def evaluate_templates(shards: dict, templates: dict, root: str, device: str = "cpu") -> dict:
+    """Every validation shard without Prefect (benchmarks, scripts)."""
+    out_dir = evaluation_dir(shards, templates)
+    results = [evaluate_shard(s, templates, out_dir, root, device) for s in shards["shards"]["valid"]]
+    return finish_evaluation(out_dir, templates["classes"], results, root)
+
+
+evaluate = step("evaluate", VERSION)(evaluate_shard)

@@ -27,43 +27,48 @@ def test_sample_over_http_gives_published_figures_then_caches_then_rebuilds(cli,
     assert rep["metrics"]["l1"]["confusion"] == [[926, 84], [15, 1013]]
     assert rep["source"] == {"url": url, "sha256": "feba62848df904f60b47afc0ae1cf4deaa8e0d484c5ad18ae9d0e0e8a2cb1706",
                              "bytes": 3396206}
-    assert first.states() == ["Completed"] * 6
+    # download, untar, 3 train + 1 valid convert shards, templates, 1 evaluate shard, report
+    assert first.states() == ["Completed"] * 9
     # the report files say the same as stdout
     report_dir = Path(rep["artifacts"]["report"])
     assert json.loads((report_dir / "report.json").read_text()) == rep
     assert "0.9168" in (report_dir / "report.md").read_text()
     assert (report_dir / "confusion-l1.csv").read_text().splitlines()[1:] == ["3,926,84", "7,15,1013"]
-    preds = pq.read_table(rep["artifacts"]["predictions"]).to_pandas()
+    preds = pq.read_table(Path(rep["artifacts"]["predictions"]).parent).to_pandas()
     l1 = preds[preds.metric == "l1"]
     assert len(l1) == 2038 and round(l1[l1.label == "3"].correct.mean(), 4) == 0.9168
 
     second = cli("run", "--source", url, "--json")
     assert second.code == 0, second.stderr
     assert second.report == rep
-    assert second.states() == ["Cached"] * 6
+    assert second.states() == ["Cached"] * 9
     assert "reused cached results for 6 of 6 steps" in second.stderr
 
-    shard = sorted(Path(rep["artifacts"]["shards"]).glob("train-*.parquet"))[0]
+    shard = sorted(Path(rep["artifacts"]["shards"]).glob("train-*.parquet"))[1]
     shard.unlink()
     third = cli("run", "--source", url, "--json")
     assert third.code == 0, third.stderr
     assert third.report == rep
-    assert "convert: cached result no longer valid" in third.stderr
+    assert "convert-train-00001: cached result no longer valid" in third.stderr
     assert shard.exists()
+    # only the lost shard was rebuilt
+    assert third.states().count("Completed") == 1
 
 
 def test_human_output_and_refresh(cli, serve):
     url = serve({"mnist_tiny.tgz": TINY}) + "/mnist_tiny.tgz"
-    first = cli("run", "--source", url, "--dataset", "tiny", "--metric", "rmse")
+    first = cli("run", "--source", url, "--metric", "rmse")
     assert first.code == 0, first.stderr
     assert "rmse accuracy on 3: 0.9429" in first.stdout
     assert "reused cached results for 0 of 6 steps" in first.stdout
-    again = cli("run", "--source", url, "--dataset", "tiny", "--metric", "rmse", "--refresh", "--json")
+    assert "mnist_tiny: 2 classes, 700 train / 700 valid images" in first.stdout
+    again = cli("run", "--source", url, "--metric", "rmse", "--refresh", "--json")
     assert again.code == 0, again.stderr
-    assert again.states() == ["Completed"] * 6
+    assert again.states() == ["Completed"] * 7   # 2 convert shards, 1 evaluate shard
+    assert again.report["dataset"] == "mnist_tiny"
     assert_figures(again.report, TINY_FIGURES)
     # another parameter is another result: a smaller shard size re-converts, same figures
-    other = cli("run", "--source", url, "--dataset", "tiny", "--shard-size", "100", "--json")
+    other = cli("run", "--source", url, "--shard-size", "100", "--json")
     assert other.states()[:3] == ["Cached", "Cached", "Completed"]
     assert len(list(Path(other.report["artifacts"]["shards"]).glob("train-*.parquet"))) == 7
     assert_figures(other.report, TINY_FIGURES)
@@ -141,5 +146,6 @@ def test_non_png_in_class_folder_is_named_and_nothing_published(cli, serve):
     r = cli("run", "--source", url)
     assert r.code == 1
     assert "mnist_tiny/train/7/notes.png" in r.stderr
-    shards = cli.root / "shards"
-    assert not shards.exists() or [p for p in shards.rglob("*.parquet")] == []
+    # good shards may wait in a hidden _parts/ folder, but nothing is published
+    assert list(cli.root.glob("shards/*/*/*.parquet")) == []
+    assert list(cli.root.glob("shards/*/*/_manifest.json")) == []

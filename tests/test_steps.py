@@ -22,7 +22,7 @@ from storage.shards import ShardMeta, iter_arrays, read_meta, write_shard
 from tasks.caching import content_key
 from tasks.convert import convert_tree, tree_entries
 from tasks.download import archive_name, download_archive
-from tasks.evaluate import accuracy, distances, evaluate_templates
+from tasks.evaluate import accuracy, confusion_matrix, distances, evaluate_templates
 from tasks.report import render_markdown, write_report
 from tasks.templates import class_means, compute_templates
 from tasks.untar import untar_archive
@@ -58,7 +58,7 @@ def test_streaming_mean_equals_full_mean():
 def test_accuracy_per_class_balanced_overall_confusion():
     labels = np.array([0, 0, 0, 0, 1, 1])
     pred = np.array([0, 0, 0, 1, 1, 0])
-    m = accuracy(labels, pred, 3)
+    m = accuracy(confusion_matrix(labels, pred, 3))
     assert m["per_class"] == [0.75, 0.5, None]
     assert m["balanced"] == 0.625
     assert m["overall"] == pytest.approx(4 / 6)
@@ -95,6 +95,8 @@ def test_layout_finds_splits_classes_and_notes():
     assert sorted(["x10", "x9", "x1"], key=natural_key) == ["x1", "x9", "x10"]
     with pytest.raises(LayoutError, match="data/valid/4/"):
         find_layout(paths + ["data/valid/4/f.png"])
+    empty = find_layout(paths, folders=["data/train/5", "data/train"])
+    assert empty.classes == ["2", "9", "10"] and any("data/train/5/ ignored" in n for n in empty.notes)
     with pytest.raises(LayoutError, match="training split"):
         find_layout(["valid/3/a.png"])
     assert find_layout(paths, classes=["10", "2"]).classes == ["2", "10"]
@@ -196,4 +198,4 @@ def test_convert_lists_every_bad_file(tmp_path):
         convert_tree(tree, lay.to_dict(), "d", root)
     assert "2 bad image file(s)" in str(e.value)
     assert "d/train/a/2.png" in str(e.value) and "d/valid/b/9.png" in str(e.value)
-    assert not (tmp_path / "root" / "shards").exists() or not list((tmp_path / "root" / "shards").rglob("*.parquet"))
+    assert list((tmp_path / "root").glob("shards/*/*/*.parquet")) == []

@@ -1,0 +1,446 @@
+"""pixelsim benchmark: `python -m bench.run [--data TGZ] [--images N ...] [--out bench/out] [--skip-scale]`.
+
+Every measurement runs in its own subprocess (`--worker NAME IN OUT`, `pixelsim`, `prefect`), so it pays
+its own imports and inherits nothing warm; this module imports only the standard library at the top.
+"""
+from __future__ import annotations
+
+import argparse, contextlib, datetime, hashlib, io, json, os, platform, re, resource  # noqa: E401
+import shutil, signal, socket, subprocess, sys, tarfile, time, urllib.request  # noqa: E401
+import importlib.metadata as md
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DATASET = "mnist_sample"
+
+
+def timed(fn, *args, **kwargs):
+    """(result, {"s": wall seconds, "cpu": CPU seconds of this process and its children})."""
+    cpu = lambda: sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)  # noqa: E731
+                      for f in ("ru_utime", "ru_stime"))
+    t, c = time.perf_counter(), cpu()
+    out = fn(*args, **kwargs)
+    return out, {"s": time.perf_counter() - t, "cpu": cpu() - c}
+
+
+# ---------------------------------------------------------------- workers (run in subprocesses)
+def w_seed(p: dict) -> dict:
+    """A: the fastbook notebook's way, generalised to N classes (argmin over the class means)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    t0 = time.perf_counter()
+    base = Path(p["base"])
+    classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
+
+    def load(split: str, c: str) -> torch.Tensor:
+        files = sorted((base / split / c).iterdir())
+        return torch.stack([torch.tensor(np.array(Image.open(f))) for f in files]).float() / 255
+
+    train, valid = [load("train", c) for c in classes], [load("valid", c) for c in classes]
+    t1 = time.perf_counter()
+    means = [t.mean(0) for t in train]
+    dist = {"l1": lambda a, b: (a - b).abs().mean((-1, -2)),
+            "rmse": lambda a, b: ((a - b) ** 2).mean((-1, -2)).sqrt()}
+    acc = {m: {} for m in dist}
+    for m, fn in dist.items():
+        for i, (c, v) in enumerate(zip(classes, valid)):
+            pred = torch.stack([fn(v, mu) for mu in means]).argmin(0)
+            acc[m][c] = int((pred == i).sum()) / len(v)
+    t2 = time.perf_counter()
+    return {"classes": classes, "accuracy": acc, "load_s": t1 - t0, "s": t2 - t0}
+
+
+def w_steps(p: dict) -> dict:
+    """B: pixelsim's plain step functions, no flow, on a fresh root."""
+    from storage.layout import find_layout
+    from storage.root import Root
+    from tasks.convert import convert_tree, tree_entries
+    from tasks.download import download_archive
+    from tasks.evaluate import evaluate_templates
+    from tasks.report import write_report
+    from tasks.templates import compute_templates
+    from tasks.untar import untar_archive
+    root, st = p["root"], {}
+
+    def step(name, fn, *a, **k):
+        out, st[name] = timed(fn, *a, **k)
+        return out
+    archive = step("download", download_archive, p["data"], root)
+    tree = step("untar", untar_archive, archive, root)
+    layout = step("layout", lambda: find_layout(list(tree_entries(Root(root), tree))))
+    shards = step("convert", convert_tree, tree, layout.to_dict(), DATASET, root, shard_size=5000)
+    tmpl = step("templates", compute_templates, shards, root)
+    ev = step("evaluate", evaluate_templates, shards, tmpl, root)
+    src = {k: archive[k] for k in ("url", "sha256", "bytes")}
+    step("report", write_report, DATASET, src, shards, tmpl, ev, "l1", layout.notes, root)
+    acc = {m: dict(zip(ev["classes"], v["per_class"])) for m, v in ev["metrics"].items()}
+    return {"steps": st, "tree": tree, "layout": layout.to_dict(), "shards": shards, "accuracy": acc}
+
+
+def w_decode(p: dict) -> dict:
+    """F and the decode rates: shards -> one array vs decoding the same training PNGs again."""
+    import numpy as np
+    from PIL import Image
+    from storage.images import decode, decoder_name
+    from storage.layout import Layout, split_files
+    from storage.root import Root
+    from storage.shards import iter_arrays
+    from tasks.convert import tree_entries
+    r, lay = Root(p["root"]), Layout(**p["layout"])
+    names = [f for f, _ in split_files(list(tree_entries(r, p["tree"])), lay, lay.train)]
+    files, n = [Path(r.path(f"{p['tree']['dir']}/files/{f}")) for f in names], len(names)
+    arr, t_shards = timed(lambda: np.concatenate([b["image"] for b in iter_arrays(r, p["shards"]["shards"]["train"])]))
+    pillow = lambda b: np.array(Image.open(io.BytesIO(b)))  # noqa: E731
+    fastest = ("pillow", pillow)
+    with contextlib.suppress(ImportError):
+        import pyspng
+        fastest = ("pyspng", pyspng.load)
+
+    def read_decode(fn):
+        return timed(lambda: np.stack([fn(f.read_bytes()) for f in files]).reshape(n, -1))
+    fast, t_fast = read_decode(fastest[1])
+    _, t_pil = read_decode(pillow)
+    blobs = [f.read_bytes() for f in files]
+    _, t_dec = timed(lambda: [decode(b, f) for b, f in zip(blobs, names)])
+    _, t_raw = timed(lambda: [fastest[1](b) for b in blobs])
+    return {"images": n, "same_pixels": bool(arr.shape == fast.shape and (arr == fast).all()),
+            "fastest": fastest[0], "decoder": decoder_name(),
+            "rate": {"shards": n / t_shards["s"], "fastest": n / t_fast["s"], "pillow": n / t_pil["s"],
+                     "decode": n / t_dec["s"], "raw": n / t_raw["s"]}}
+
+
+def w_step(p: dict) -> dict:
+    """G: one step of the scale run on a persistent root."""
+    from storage.layout import find_layout
+    from storage.root import Root
+    from tasks.convert import convert_tree, tree_entries
+    from tasks.evaluate import evaluate_templates
+    from tasks.templates import compute_templates
+    from tasks.untar import untar_archive
+    root, name, extra = p["root"], p["step"], {}
+    if name == "untar":
+        out, t = timed(untar_archive, p["archive"], root)
+    elif name == "convert":
+        lay, lt = timed(lambda: find_layout(list(tree_entries(Root(root), p["tree"]))))
+        out, t = timed(convert_tree, p["tree"], lay.to_dict(), "synthetic", root, shard_size=5000)
+        extra = {"layout_s": lt["s"]}
+    elif name == "templates":
+        out, t = timed(compute_templates, p["shards"], root)
+    else:
+        out, t = timed(evaluate_templates, p["shards"], p["templates"], root)
+        out = {k: v for k, v in out.items() if k != "metrics"}
+    return {"out": out, **t, **extra}
+
+
+def w_trivial(p: dict) -> dict:
+    """E: the orchestration floor, three tasks that return numbers."""
+    from prefect import flow, task
+
+    @task
+    def one() -> int: return 1  # noqa: E704
+
+    @task
+    def add(a: int, b: int) -> int: return a + b  # noqa: E704
+
+    @flow(name="bench-trivial")
+    def trivial() -> int: return add(one(), one())  # noqa: E704
+    return {"value": trivial()}
+
+
+WORKERS = {"seed": w_seed, "steps": w_steps, "decode": w_decode, "step": w_step, "trivial": w_trivial}
+
+
+# ---------------------------------------------------------------- subprocesses
+def spawn(cmd: list, log: Path, env: dict | None = None) -> dict:
+    """Run to completion: wall and CPU seconds, and peak RSS of its largest process (from wait4)."""
+    t = time.perf_counter()
+    with open(f"{log}.out", "wb") as out, open(f"{log}.err", "wb") as err:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, env=env, cwd=REPO)
+        _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "wall": time.perf_counter() - t, "cpu": ru.ru_utime + ru.ru_stime,
+            "rss_mb": ru.ru_maxrss / 1024, "out": Path(f"{log}.out").read_text(),
+            "err": Path(f"{log}.err").read_text()}
+
+
+def worker(name: str, payload: dict, log: Path, env: dict | None = None) -> tuple[dict, dict]:
+    Path(f"{log}.in.json").write_text(json.dumps(payload))
+    p = spawn([sys.executable, "-m", "bench.run", "--worker", name, f"{log}.in.json", f"{log}.res.json"], log, env)
+    if p["rc"]:
+        raise RuntimeError(f"worker {name} exited {p['rc']}: {p['err'][-1500:]}")
+    return json.loads(Path(f"{log}.res.json").read_text()), p
+
+
+def prefect_env(home: Path, api: str | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PIXELSIM_"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_LOCAL_STORAGE_PATH=str(home / "results"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_COLORS="false")
+    return {**env, "PREFECT_API_URL": api} if api else env
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path, log: Path):
+    """`prefect server start` on a free loopback port; yields (api url, startup seconds); stops it."""
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        port = s.getsockname()[1]
+    api, t = f"http://127.0.0.1:{port}/api", time.perf_counter()
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=prefect_env(home), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            if proc.poll() is not None or time.perf_counter() - t > 180:
+                raise RuntimeError(f"prefect server did not start; see {log}")
+            time.sleep(0.25)
+        yield api, time.perf_counter() - t
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ---------------------------------------------------------------- synthetic data (G)
+def synthetic_tar(path: Path, n: int) -> None:
+    """n MNIST-like 28x28 PNGs in synth/{train,valid}/{0..9}/ (5/6 train), from 300 distinct images."""
+    import numpy as np
+    from PIL import Image
+    rng, pngs = np.random.default_rng(0), {}
+    for c in range(10):
+        pngs[c] = []
+        for _ in range(30):
+            img = ((rng.random((28, 28)) < 0.08) * rng.integers(0, 256, (28, 28))).astype(np.uint8)
+            img[4:24, 2 + 2 * c:8 + 2 * c] = rng.integers(100, 256, (20, 6))
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="PNG")
+            pngs[c].append(buf.getvalue())
+    n_train = n * 5 // 6
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for i in range(n):
+            split, c = ("train" if i < n_train else "valid"), i % 10
+            data = pngs[c][(i // 10) % 30]
+            ti = tarfile.TarInfo(f"synth/{split}/{c}/{i:07d}.png")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+
+def scale(n: int, tmp: Path, logs: Path) -> dict:
+    root = tmp / f"scale-{n}"
+    rel = "archives/synthetic/synthetic.tar"
+    (root / "archives/synthetic").mkdir(parents=True, exist_ok=True)
+    _, gen = timed(synthetic_tar, root / rel, n)
+    with open(root / rel, "rb") as f:
+        sha = hashlib.file_digest(f, "sha256").hexdigest()
+    state = {"root": str(root), "archive": {"root": str(root), "file": rel, "sha256": sha,
+                                            "bytes": (root / rel).stat().st_size, "url": str(root / rel)}}
+    n_train = n * 5 // 6
+    images = {"untar": n, "convert": n, "templates": n_train, "evaluate": n - n_train}
+    result = {"images": n, "generate_s": gen["s"], "steps": {}}
+    try:
+        for name, key in (("untar", "tree"), ("convert", "shards"), ("templates", "templates"), ("evaluate", None)):
+            res, proc = worker("step", {**state, "step": name}, logs / f"scale-{n}-{name}")
+            if key:
+                state[key] = res["out"]
+            result["steps"][name] = {"s": res["s"], "wall": proc["wall"], "cores": res["cpu"] / res["s"],
+                                     "rate": images[name] / res["s"], "rss_mb": proc["rss_mb"],
+                                     "layout_s": res.get("layout_s")}
+    except Exception as e:  # noqa: BLE001 - keep what was measured
+        result["error"] = f"N={n:,}: {type(e).__name__}: {e}"[:500]
+    finally:
+        t = time.perf_counter()
+        shutil.rmtree(root, ignore_errors=True)
+        result["cleanup_s"] = time.perf_counter() - t
+    return result
+
+
+# ---------------------------------------------------------------- the benchmark
+def machine() -> dict:
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())
+
+    v = lambda pkg: next((d.version for d in md.distributions(name=pkg)), None)  # noqa: E731
+    return {"cpus": os.cpu_count(), "model": model, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "python": platform.python_version(), **{p: v(p) for p in ("torch", "prefect", "pyarrow", "pillow",
+                                                                          "numpy", "pyspng")}}
+
+
+def run_pixelsim(mode: str, data: Path, tmp: Path, logs: Path) -> dict:
+    """C (cold), D (warm) and E (floor, best of 2) in one Prefect mode."""
+    home, root = tmp / f"prefect-{mode}", tmp / f"root-{mode}"
+    home.mkdir(parents=True)
+    cmd = [BIN / "pixelsim", "run", "--source", data, "--root", root, "--json"]
+    server = prefect_server(home, logs / "prefect-server.log") if mode == "server" else contextlib.nullcontext((None, None))
+    with server as (api, startup):
+        env = prefect_env(home, api)
+        floor = [worker("trivial", {}, logs / f"E-{mode}-{i}", env)[1]["wall"] for i in range(2)]
+        c = spawn(cmd, logs / f"C-{mode}", env)
+        d = spawn(cmd, logs / f"D-{mode}", env)
+    for name, p in (("C", c), ("D", d)):
+        if p["rc"]:
+            raise RuntimeError(f"{name} [{mode}] exited {p['rc']}: {p['err'][-1500:]}")
+    reused = re.findall(r"reused cached results for \d+ of \d+ steps", d["err"])
+    rep = json.loads(c["out"])
+    return {"server_start_s": startup, "C": c["wall"], "D": d["wall"], "E": min(floor), "E_runs": floor,
+            "C_rss_mb": c["rss_mb"], "D_cached": reused[-1] if reused else "no cache line in the log",
+            "accuracy": {m: v["per_class"] for m, v in rep["metrics"].items()}}
+
+
+def section(results: dict, key: str, fn, *args):
+    t = time.perf_counter()
+    try:
+        results[key] = fn(*args)
+    except Exception as e:  # noqa: BLE001 - a benchmark reports, it never stops at a failure
+        results[key] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"[{key}] failed: {e}", file=sys.stderr)
+    print(f"[{key}] done in {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    return results[key]
+
+
+def fmt(x, unit=""):
+    spec = ",.0f" if x is None or abs(x) >= 1000 else ".3g" if abs(x) < 10 else ".1f"
+    return "—" if x is None else f"{x:{spec}}{unit}"
+
+
+def table(R: dict) -> str:
+    rows: list[tuple] = []
+
+    def row(sec, what, val, unit="s", vs=None, vs_val=None, label="÷", inverse=False):
+        ok = isinstance(val, (int, float)) and isinstance(vs_val, (int, float)) and vs_val and val
+        ratio = ((vs_val / val) if inverse else (val / vs_val)) if ok else None
+        rows.append((sec, what, fmt(val, " " + unit), vs or "—", f"{label} {ratio:.2f}" if ratio else "—"))
+    A, B, F = R.get("A", {}), R.get("B", {}), R.get("F", {})
+    st = B.get("steps", {})
+    b_all = sum(s["s"] for s in st.values()) if st else None
+    b_tree = sum(st[k]["s"] for k in ("layout", "convert", "templates", "evaluate")) if st else None
+    row("A", "seed script, loading part (PIL open, stack, /255)", A.get("load_s"), "s", "B convert",
+        st.get("convert", {}).get("s"), "A/B")
+    seed = f"A seed script, all its work ({fmt(A.get('s'), ' s')})"
+    row("B", "all steps (download → report)", b_all, "s", seed, A.get("s"), "A/B", inverse=True)
+    row("B", "from the extracted tree (layout+convert+templates+evaluate)", b_tree, "s", seed, A.get("s"), "A/B", True)
+    for k, s in st.items():
+        row("B", f"step {k} (cores used {s['cpu'] / s['s']:.2f})", s["s"], "s", "B all steps", b_all, "share")
+    for mode in ("server", "ephemeral"):
+        m = R.get(f"C-{mode}", {})
+        if "error" in m or not m:
+            rows.append(("C/D/E", f"[{mode}] failed", m.get("error", "not run")[:200], "—", "—"))
+            continue
+        row("C", f"pixelsim run, cold [{mode}]", m["C"], "s", "B all steps", b_all, "C/B")
+        row("D", f"pixelsim run, warm [{mode}] ({m['D_cached']})", m["D"], "s", "C cold", m["C"], "D/C")
+        row("E", f"trivial 3-task flow, best of 2 [{mode}]", m["E"], "s", "C cold", m["C"], "E/C")
+        row("C-E", f"pixelsim overhead cold [{mode}]", m["C"] - m["E"], "s", "B all steps", b_all, "(C-E)/B")
+        row("D-E", f"pixelsim overhead warm [{mode}]", m["D"] - m["E"], "s", "B all steps", b_all, "(D-E)/B")
+        if m["server_start_s"]:
+            row("C", "prefect server start → /api/health (not in C/D/E)", m["server_start_s"], "s",
+                "E trivial flow", m["E"], "÷")
+    rate, fast = F.get("rate", {}), F.get("fastest", "fastest")
+    for what, k, vs, vk in (("train images from shards → one uint8 array", "shards", f"read+decode ({fast})", "fastest"),
+                            (f"read+decode the same PNGs ({fast})", "fastest", "read+decode (Pillow)", "pillow"),
+                            ("read+decode the same PNGs (Pillow)", "pillow", "shards", "shards")):
+        row("F", what, rate.get(k), "img/s", vs, rate.get(vk))
+    row("dec", f"single-core storage.images.decode ({F.get('decoder')}, CRC-checked, in memory)",
+        rate.get("decode"), "img/s", f"bare {fast} in memory", rate.get("raw"), "÷")
+    cv = st.get("convert")
+    if cv and rate.get("decode"):
+        n = sum(sum(c.values()) for c in B["shards"]["counts"].values())
+        cores = cv["cpu"] / cv["s"]
+        for what, k in ((f"cores used {cores:.2f}", cores), (f"all {R['machine']['cpus']} cores", R["machine"]["cpus"])):
+            row("dec", "B convert throughput", n / cv["s"], "img/s", f"{what} × decode rate", k * rate["decode"])
+    out = ["| section | what | value | compared with | ratio |", "|---|---|---|---|---|"]
+    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
+    out += ["", "| metric | class | A seed | B pixelsim | C server | C ephemeral |", "|---|---|---|---|---|---|"]
+    for metric, per in A.get("accuracy", {}).items():
+        for c, a in per.items():
+            cs = [R.get(f"C-{m}", {}).get("accuracy", {}).get(metric, {}).get(c) for m in ("server", "ephemeral")]
+            out.append(f"| {metric} | {c} | {a:.4f} | {B['accuracy'][metric][c]:.4f} | {cs[0]} | {cs[1]} |")
+    out.append(f"\nA equals pixelsim (B, exact): **{R.get('accuracy_equal')}**; A rounded to 4 places equals "
+               f"the C reports: **{R.get('accuracy_equal_C')}**; shard pixels equal the decoded PNGs: "
+               f"**{F.get('same_pixels')}**")
+    G = R.get("G")
+    if G:
+        out += ["", "| N | step | seconds (work) | process wall | images/s | cores used | peak RSS MB | RSS vs smallest N |", "|---|---|---|---|---|---|---|---|"]
+        runs = [g for g in G.get("runs", []) if "steps" in g]
+        for g in runs:
+            for k, s in g["steps"].items():
+                base = runs[0]["steps"].get(k, {}).get("rss_mb")
+                ratio = f"÷ {s['rss_mb'] / base:.2f}" if base else "—"
+                extra = f" (+ find_layout {s['layout_s']:.1f}s)" if s.get("layout_s") is not None else ""
+                out.append(f"| {g['images']:,} | {k}{extra} | {s['s']:.1f} | {s['wall']:.1f} | {s['rate']:,.0f} | "
+                           f"{s['cores']:.2f} | {s['rss_mb']:.0f} | {ratio} |")
+        notes = G.get("notes", []) + [g["error"] for g in G.get("runs", []) if "error" in g]
+        notes += [f"N={g['images']:,}: generating the tar {g['generate_s']:.0f}s, deleting the root "
+                  f"{g['cleanup_s']:.0f}s (not in the steps)" for g in runs]
+        out.append(f"\ntemplates/evaluate peak RSS flat across N (within 1.25x): **{G.get('flat')}**\n"
+                   + "".join(f"\n- {e}" for e in notes))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", type=Path, default=REPO / "flows/data/mnist_sample.tgz")
+    ap.add_argument("--images", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--out", type=Path, default=REPO / "bench/out")
+    ap.add_argument("--skip-scale", action="store_true", help="skip G, the synthetic scale run")
+    ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        name, src, dst = a.worker
+        Path(dst).write_text(json.dumps(WORKERS[name](json.loads(Path(src).read_text()))))
+        return 0
+    t0 = time.perf_counter()
+    out, data = a.out.resolve(), a.data.resolve()
+    tmp, logs = out / "tmp", out / "logs"
+    for d in (tmp, logs):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    R: dict = {"machine": machine(), "data": str(data), "command": " ".join(sys.argv), "load_start": os.getloadavg()}
+    try:
+        root = tmp / "root-B"
+        B = section(R, "B", lambda: worker("steps", {"data": str(data), "root": str(root)}, logs / "B")[0])
+        if "error" not in B:
+            base = root / B["tree"]["dir"] / "files" / B["layout"]["base"]
+            A = section(R, "A", lambda: worker("seed", {"base": str(base)}, logs / "A")[0])
+            R["accuracy_equal"] = A.get("accuracy") == B["accuracy"]
+            section(R, "F", lambda: worker("decode", {"root": str(root), **B}, logs / "F")[0])
+        for mode in ("server", "ephemeral"):
+            section(R, f"C-{mode}", run_pixelsim, mode, data, tmp, logs)
+        R["accuracy_equal_C"] = all(
+            round(v, 4) == R[f"C-{m}"].get("accuracy", {}).get(metric, {}).get(c)
+            for m in ("server", "ephemeral") for metric, per in R.get("A", {}).get("accuracy", {}).items()
+            for c, v in per.items())
+        if not a.skip_scale:
+            G = R["G"] = {"runs": [], "notes": []}
+            t_g = time.perf_counter()
+            for n in sorted(a.images):
+                if time.perf_counter() - t_g > 15 * 60:
+                    G["notes"].append(f"N={n:,} skipped: the scale section passed 15 minutes")
+                    break
+                section(G, "last", scale, n, tmp, logs)
+                G["runs"].append(G.pop("last"))
+            rss = [[g["steps"].get(k, {}).get("rss_mb") for g in G["runs"]] for k in ("templates", "evaluate")]
+            G["flat"] = all(len(r) > 1 and None not in r and r[-1] <= 1.25 * r[0] for r in rss)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        R["wall_s"], R["load_end"] = time.perf_counter() - t0, os.getloadavg()
+        text = table(R)
+        m = R["machine"]
+        head = (f"pixelsim benchmark, {m['date']}: {m['cpus']} CPUs ({m['model']}), Python {m['python']}, "
+                f"torch {m['torch']}, prefect {m['prefect']}, pyarrow {m['pyarrow']}, pyspng {m['pyspng']}, "
+                f"decoder {R.get('F', {}).get('decoder')}; data {data.name}; benchmark wall {R['wall_s']:.0f}s; "
+                f"load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in R['load_start'])}, at end {'/'.join(f'{x:.1f}' for x in R['load_end'])}\n")
+        print(head + "\n" + text)
+        (out / "results.json").write_text(json.dumps(R, indent=1, default=str))
+        (out / "results.md").write_text(head + "\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
