@@ -43,11 +43,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--train-split", help="name of the training split folder")
     run.add_argument("--valid-split", help="name of the validation split folder")
     run.add_argument("--device", default="cpu", help="torch device for templates and evaluation")
+    run.add_argument("--skip-bad", type=int, default=0, metavar="N",
+                     help="leave out at most N unreadable images (listed in the report) instead of failing")
     run.add_argument("--task-runner", choices=["thread", "process", "dask"], default="thread",
                      help="where mapped steps (convert, evaluate) run")
     run.add_argument("--workers", type=int, help="parallel workers for the task runner (default: CPU count)")
     run.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (with --task-runner dask)")
     sub.add_parser("datasets", help="list the named datasets")
+    show = sub.add_parser("show", help="a past run's summary, from the stored files (no Prefect needed)")
+    show.add_argument("run", nargs="?", help="a run id (or a unique prefix) or a report folder; default: the latest run")
+    show.add_argument("--root", default=os.environ.get("PIXELSIM_ROOT", "pixelsim-data"),
+                      help="storage root holding history/ (default: ./pixelsim-data or $PIXELSIM_ROOT)")
+    show.add_argument("--json", action="store_true", help="print the run and its report as JSON")
     return p
 
 
@@ -57,6 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         from flows.datasets import DATASETS
         for d in DATASETS.values():
             print(f"{d.name:14} {d.description}\n{'':14} {d.url}" + ("  (bundled offline copy)" if d.bundled else ""))
+        return 0
+    if args.command == "show":
+        from flows.show import show
+        from storage.errors import PixelsimError
+        try:
+            print(show(args.run, args.root, args.json))
+        except PixelsimError as e:
+            print(f"pixelsim: error: {e}", file=sys.stderr)
+            return 1
         return 0
     _quiet_prefect_defaults()
     from flows.pixel_similarity import pixel_similarity
@@ -74,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                                refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
                                resize=args.resize, classes=classes, train_split=args.train_split,
                                valid_split=args.valid_split, device=args.device,
-                               sha256=args.sha256)
+                               sha256=args.sha256, skip_bad=args.skip_bad)
     except PixelsimError as e:
         print(f"pixelsim: error: {e}", file=sys.stderr)
         return 1
@@ -93,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"reused cached results for {len(reused)} of {len(out['cached'])} steps"
           + (f": {', '.join(reused)}" if reused else ""))
     print(f"report: {rep['artifacts']['report']}")
+    print(f"run: {out['run_id']} (see `pixelsim show {out['run_id'][:8]}`; report.html in the report folder)")
     return 0
 
 

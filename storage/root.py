@@ -20,6 +20,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from storage.errors import IntegrityError
+from storage.faults import publishing
 
 MANIFEST = "_manifest.json"
 PARTS = "_parts"   # parts written by parallel tasks wait here until their folder is published
@@ -119,6 +120,7 @@ class Root:
             try:
                 yield staging
                 staging.write_manifest()
+                publishing(rel)
                 self._swap_local(tmp_root, self.path(rel))
             finally:
                 shutil.rmtree(tmp_root, ignore_errors=True)
@@ -166,6 +168,7 @@ class Root:
         tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
         try:
             yield tmp
+            publishing(rel)
             os.replace(tmp, full)
         finally:
             if os.path.exists(tmp):
@@ -193,6 +196,7 @@ class Root:
                 return digest
         except (FileNotFoundError, ValueError):
             pass
+        publishing(rel)
         self.write_bytes_atomic(name, json.dumps(body, indent=1).encode())
         return digest
 
@@ -274,6 +278,7 @@ class Staging:
 def publish_file(root: Root, local_path: str, rel: str) -> None:
     """Move a finished local file into the root under `rel`, atomically."""
     full = root.path(rel)
+    publishing(rel)
     if root.local:
         os.makedirs(os.path.dirname(full), exist_ok=True)
         os.replace(local_path, full)
@@ -284,16 +289,21 @@ def publish_file(root: Root, local_path: str, rel: str) -> None:
 
 
 def verify_output(desc: dict) -> None:
-    """Raise IntegrityError unless a step's recorded output is still there, unchanged."""
+    """Raise IntegrityError unless a step's recorded output is still there, unchanged.
+
+    A file written by a parallel task may still wait as a part for its folder's
+    publication (another run, or a crash, got in between): a valid part counts.
+    """
     root = Root(desc["root"])
     if "file" in desc:
-        try:
-            digest, size = root.sha256(desc["file"])
-        except FileNotFoundError:
-            raise IntegrityError(f"{root.uri(desc['file'])}: missing") from None
-        if (digest, size) != (desc["sha256"], desc["bytes"]):
+        for rel in (desc["file"], part_of(desc["file"])):
+            try:
+                if root.sha256(rel) == (desc["sha256"], desc["bytes"]):
+                    return
+            except FileNotFoundError:
+                continue
             raise IntegrityError(f"{root.uri(desc['file'])}: altered since it was written")
-        return
+        raise IntegrityError(f"{root.uri(desc['file'])}: missing")
     manifest = root.verify(desc["dir"], deep=desc.get("deep", True))
     if manifest["digest"] != desc["digest"]:
         raise IntegrityError(f"{root.uri(desc['dir'])}: replaced by other content")
@@ -310,7 +320,14 @@ def publish_parts(root: Root, folder: str, results: list[dict], **meta: Any) -> 
     for x in results:
         part = part_of(x["file"])
         if root.exists(part):
-            root.promote(part, x["file"])
-    root.remove(posixpath.join(folder, PARTS))
+            try:
+                root.promote(part, x["file"])
+            except FileNotFoundError:
+                pass  # a concurrent run promoted the same (identical) part first
+        if root.sha256(x["file"]) != (x["sha256"], x["bytes"]):
+            raise IntegrityError(f"{root.uri(x['file'])}: does not match what its task wrote")
+    if root.local:
+        with contextlib.suppress(OSError):
+            os.rmdir(root.path(posixpath.join(folder, PARTS)))
     files = [{"name": posixpath.basename(x["file"]), "bytes": x["bytes"], "sha256": x["sha256"]} for x in results]
     return root.write_manifest(folder, files, **meta)

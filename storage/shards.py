@@ -7,6 +7,7 @@ live in the schema metadata under the key `pixelsim`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.errors import IntegrityError
 from storage.root import Root
 
 META_KEY = b"pixelsim"
@@ -59,11 +61,17 @@ def read_meta(root: Root, rel: str) -> dict:
 
 
 def iter_arrays(root: Root, rels: list[str], columns: tuple[str, ...] = ("label_index", "image"),
-                ) -> Iterator[dict[str, np.ndarray | list]]:
-    """Yield one shard at a time: memory stays bounded by the shard size, not the dataset."""
+                sha256: dict[str, str] | None = None) -> Iterator[dict[str, np.ndarray | list]]:
+    """Yield one shard at a time: memory stays bounded by the shard size, not the dataset.
+
+    With `sha256` ({shard: digest}) each shard's bytes are checked before they are parsed,
+    so a truncated or altered shard is an IntegrityError, never data.
+    """
     for rel in rels:
-        with root.open(rel) as f:
-            table = pq.read_table(f, columns=list(columns))
+        data = root.read_bytes(rel)
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256[rel]:
+            raise IntegrityError(f"{root.uri(rel)}: does not match its manifest (truncated or altered)")
+        table = pq.read_table(pa.BufferReader(data), columns=list(columns))
         out: dict[str, np.ndarray | list] = {}
         for name in columns:
             col = table.column(name).combine_chunks()

@@ -20,7 +20,7 @@ from storage.root import MANIFEST, Root, digest_json, part_of, publish_parts, sh
 from storage.shards import ShardMeta, shard_name, write_shard
 from tasks.caching import step
 
-VERSION = "2"
+VERSION = "3"
 SPLITS = ("train", "valid")
 MAX_LISTED = 20
 
@@ -92,26 +92,34 @@ def plan_shards(tree: dict, layout: dict, dataset: str, root: str, shard_size: i
 
 
 def convert_shard(plan: dict, tree: dict, classes: list[str], shape: list[int], root: str,
-                  channels: int = 1, resize: bool = False) -> dict:
-    """Decode one shard's files and publish its Parquet file; every bad file is listed."""
+                  channels: int = 1, resize: bool = False, skip_bad: bool = False) -> dict:
+    """Decode one shard's files and publish its Parquet file.
+
+    Every bad file is listed; with `skip_bad` they are left out (never zero-filled) and
+    returned, so the flow can hold the whole run to its --skip-bad budget.
+    """
     r = Root(root)
-    images, errors = [], []
-    for path, _, sha, nbytes in plan["files"]:
+    images, kept, errors = [], [], []
+    for entry in plan["files"]:
+        path, _, sha, nbytes = entry
         try:
             images.append(read_image(r, tree["dir"], path, sha, nbytes, channels=channels,
                                      size=tuple(shape[:2]), resize=resize))
+            kept.append(entry)
         except ImageError as e:
             errors.append(str(e))
-    if errors:
+    if errors and not skip_bad:
         raise BadImages(errors)
     meta = ShardMeta(shape=tuple(shape), classes=classes, split=plan["folder"],
                      source_sha256=tree.get("archive_sha256", ""))
+    pixels = np.stack(images) if images else np.zeros((0, *shape), np.uint8)
+    labels = np.array([f[1] for f in kept], dtype=np.int64)
     with r.staged_file(part_of(plan["file"])) as tmp:
-        write_shard(tmp, meta, [f[0] for f in plan["files"]], np.array([f[1] for f in plan["files"]]),
-                    np.stack(images))
+        write_shard(tmp, meta, [f[0] for f in kept], labels, pixels)
         digest, size = sha256_file(tmp)
-    return {"root": root, "file": plan["file"], "sha256": digest, "bytes": size, "rows": len(images),
-            "split": plan["split"]}
+    return {"root": root, "file": plan["file"], "sha256": digest, "bytes": size, "rows": len(kept),
+            "split": plan["split"], "skipped": errors,
+            "counts": {c: int((labels == i).sum()) for i, c in enumerate(classes)}}
 
 
 class BadImages(ImageError):
@@ -127,20 +135,28 @@ class BadImages(ImageError):
         return (BadImages, (self.errors,))
 
 
-def finish_shards(plan: dict, results: list[dict], root: str) -> dict:
-    """Publish the shard folder's manifest (last) and describe the whole set."""
+def finish_shards(plan: dict, results: list[dict], root: str, skip_bad: int = 0) -> dict:
+    """Hold the run to its bad-file budget, publish the shard folder's manifest (last) and
+    describe the whole set."""
+    skipped = [e for x in results for e in x["skipped"]]
+    if len(skipped) > skip_bad:
+        raise BadImages(skipped)
+    counts = {s: {c: sum(x["counts"][c] for x in results if x["split"] == s) for c in plan["classes"]}
+              for s in SPLITS}
     digest = publish_parts(Root(root), plan["dir"], results, classes=plan["classes"], shape=plan["shape"],
-                           counts=plan["counts"])
+                           counts=counts)
     shards = {s: [x["file"] for x in results if x["split"] == s] for s in SPLITS}
     return {"root": root, "dir": plan["dir"], "digest": digest, "classes": plan["classes"],
-            "shape": plan["shape"], "counts": plan["counts"], "shards": shards}
+            "shape": plan["shape"], "counts": counts, "shards": shards, "skipped": skipped,
+            "sha256": {x["file"]: x["sha256"] for x in results}}
 
 
 def convert_tree(tree: dict, layout: dict, dataset: str, root: str, shard_size: int = 5000,
-                 channels: int = 1, resize: list[int] | None = None, workers: int = 1) -> dict:
+                 channels: int = 1, resize: list[int] | None = None, workers: int = 1, skip_bad: int = 0) -> dict:
     """All shards without Prefect (benchmarks, scripts): a process pool when workers > 1."""
     plan = plan_shards(tree, layout, dataset, root, shard_size, channels, resize)
-    args = [(p, tree, plan["classes"], plan["shape"], root, channels, bool(resize)) for p in plan["plans"]]
+    args = [(p, tree, plan["classes"], plan["shape"], root, channels, bool(resize), skip_bad > 0)
+            for p in plan["plans"]]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             futures = [pool.submit(convert_shard, *a) for a in args]
@@ -153,7 +169,7 @@ def convert_tree(tree: dict, layout: dict, dataset: str, root: str, shard_size: 
     for o in outcomes:
         if isinstance(o, BaseException):
             raise o
-    return finish_shards(plan, outcomes, root)
+    return finish_shards(plan, outcomes, root, skip_bad)
 
 
 def _outcome(result) -> dict | BadImages:

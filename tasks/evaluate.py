@@ -12,7 +12,7 @@ from storage.root import Root, digest_json, part_of, publish_parts, sha256_bytes
 from storage.shards import iter_arrays
 from tasks.caching import step
 
-VERSION = "2"
+VERSION = "3"
 METRICS = ("l1", "rmse")
 
 
@@ -58,12 +58,12 @@ def evaluation_dir(shards: dict, templates: dict) -> str:
     return f"evaluations/{digest_json([shards['digest'], templates['digest'], VERSION])[:16]}"
 
 
-def evaluate_shard(shard: str, templates: dict, out_dir: str, root: str, device: str = "cpu") -> dict:
+def evaluate_shard(shard: str, sha256: str, templates: dict, out_dir: str, root: str, device: str = "cpu") -> dict:
     """Predict one validation shard by both distances; publish its predictions part file."""
     r = Root(root)
     classes, means, _ = read_templates(r, posixpath.join(templates["dir"], TEMPLATES))
     t = torch.from_numpy(np.array(means)).to(device)
-    (batch,) = iter_arrays(r, [shard], ("path", "label_index", "image"))
+    (batch,) = iter_arrays(r, [shard], ("path", "label_index", "image"), sha256={shard: sha256})
     x = torch.from_numpy(batch["image"]).to(device).float() / 255.0
     labels = batch["label_index"].astype(np.int64)
     names = np.array(classes, dtype=object)
@@ -106,7 +106,8 @@ def finish_evaluation(out_dir: str, classes: list[str], results: list[dict], roo
 def evaluate_templates(shards: dict, templates: dict, root: str, device: str = "cpu") -> dict:
     """Every validation shard without Prefect (benchmarks, scripts)."""
     out_dir = evaluation_dir(shards, templates)
-    results = [evaluate_shard(s, templates, out_dir, root, device) for s in shards["shards"]["valid"]]
+    results = [evaluate_shard(s, shards["sha256"][s], templates, out_dir, root, device)
+               for s in shards["shards"]["valid"]]
     return finish_evaluation(out_dir, templates["classes"], results, root)
 
 

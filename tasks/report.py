@@ -1,11 +1,12 @@
-"""Step 6: the accuracy report, as JSON for machines and Markdown for people."""
+"""Step 6: the accuracy report, as JSON for machines, Markdown and a self-contained HTML page for people."""
 from __future__ import annotations
 
-from storage.artifacts import confusion_csv
+from storage.artifacts import TEMPLATES, confusion_csv
+from storage.html import render_report, report_pictures
 from storage.root import Root, digest_json
 from tasks.caching import step
 
-VERSION = "1"
+VERSION = "3"
 PLACES = 4
 
 
@@ -32,6 +33,7 @@ def build_report(dataset: str, source: dict, shards: dict, templates: dict, eval
         "metric": metric,
         "metrics": metrics,
         "notes": notes,
+        "skipped": shards.get("skipped", []),
         "artifacts": {
             "shards": root.uri(shards["dir"]),
             "templates": root.uri(templates["dir"]),
@@ -66,19 +68,23 @@ def render_markdown(report: dict) -> str:
                 _table(["true \\ predicted", *classes], [[c, *row] for c, row in zip(classes, metrics[n]["confusion"])])]
     if report["notes"]:
         out += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
+    if report.get("skipped"):
+        out += ["", f"## Skipped bad files ({len(report['skipped'])})", "", *[f"- {n}" for n in report["skipped"]]]
     out += ["", "## Artifacts", "", *[f"- {k}: `{v}`" for k, v in report["artifacts"].items()], ""]
     return "\n".join(out)
 
 
 def write_report(dataset: str, source: dict, shards: dict, templates: dict, evaluation: dict,
                  metric: str, notes: list[str], root: str) -> dict:
-    """Publish reports/<dataset>/<key>/ with report.json, report.md and confusion-<metric>.csv."""
+    """Publish reports/<dataset>/<key>/ with report.json, report.md, report.html and confusion-<metric>.csv."""
     r = Root(root)
     rel = f"reports/{dataset}/{digest_json([source, evaluation['digest'], metric, notes, VERSION])[:16]}"
     report = build_report(dataset, source, shards, templates, evaluation, metric, notes, rel)
+    pictures = report_pictures(r, f"{templates['dir']}/{TEMPLATES}", evaluation["dir"], shards["shards"]["valid"])
     with r.publish_dir(rel) as st:
         st.write_json("report.json", report)
         st.write_bytes("report.md", render_markdown(report).encode())
+        st.write_bytes("report.html", render_report(report, pictures).encode())
         for name, m in report["metrics"].items():
             st.write_bytes(f"confusion-{name}.csv", confusion_csv(report["classes"], m["confusion"]))
     return {"root": root, "dir": rel, "digest": st.digest, "report": report}

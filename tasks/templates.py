@@ -11,7 +11,7 @@ from storage.root import Root, digest_json
 from storage.shards import iter_arrays
 from tasks.caching import step
 
-VERSION = "1"
+VERSION = "2"
 
 
 def class_means(batches: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int,
@@ -39,7 +39,7 @@ def class_means(batches: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int
 def compute_templates(shards: dict, root: str, device: str = "cpu") -> dict:
     """Write templates/<key>/templates.parquet and <class>.png."""
     r = Root(root)
-    batches = ((b["label_index"], b["image"]) for b in iter_arrays(r, shards["shards"]["train"]))
+    batches = ((b["label_index"], b["image"]) for b in iter_arrays(r, shards["shards"]["train"], sha256=shards["sha256"]))
     means, counts = class_means(batches, len(shards["classes"]), device)
     rel = f"templates/{digest_json([shards['digest'], VERSION])[:16]}"
     with r.publish_dir(rel) as st:
