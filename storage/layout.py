@@ -30,8 +30,12 @@ class Layout:
                 "classes": list(self.classes), "notes": list(self.notes)}
 
 
+_HIDDEN = re.compile(r"(?:^|/)(?:\.|__MACOSX(?:/|$))")
+
+
 def _hidden(path: str) -> bool:
-    return any(p.startswith(".") or p == "__MACOSX" for p in path.split("/"))
+    """Dotfiles, dot-folders and macOS resource forks are never data."""
+    return _HIDDEN.search(path) is not None
 
 
 def _index(paths: list[str], folders: list[str]) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
