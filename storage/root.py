@@ -68,6 +68,9 @@ class Root:
 
     # -- files -----------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
+        if self.local:  # the hot path of convert: fsspec costs more than the decode here
+            with open(self.path(rel), "rb") as f:
+                return f.read()
         return self.fs.cat_file(self.path(rel))
 
     def read_json(self, rel: str) -> Any:
@@ -129,18 +132,20 @@ class Root:
             staging = Staging(tmp_root)
             yield staging
             staging.write_manifest()
-            remote_tmp = self.path(f"{rel}.tmp-{uuid.uuid4().hex[:12]}")
+            publishing(rel)
+            # An object store has no folder rename (a "move" copies object by object, in no useful
+            # order): unpublish the old folder manifest first, upload every listed file to its final
+            # name (concurrently), then the manifest last, which is what publishes the folder.
+            self.remove(posixpath.join(rel, MANIFEST))
+            self.remove(rel)
+            names = sorted(staging.files)
             try:
-                # the manifest goes last so a reader never trusts a partial upload
-                for name in sorted(os.listdir(tmp_root)):
-                    if name != MANIFEST:
-                        self.fs.put(os.path.join(tmp_root, name), posixpath.join(remote_tmp, name), recursive=True)
-                self.fs.put(os.path.join(tmp_root, MANIFEST), posixpath.join(remote_tmp, MANIFEST))
+                if names:
+                    self.fs.put([staging.file(n) for n in names], [self.path(posixpath.join(rel, n)) for n in names])
+                self.fs.put_file(os.path.join(tmp_root, MANIFEST), self.path(posixpath.join(rel, MANIFEST)))
+            except BaseException:
                 self.remove(rel)
-                self.fs.mv(remote_tmp, self.path(rel), recursive=True)
-            finally:
-                if self.fs.exists(remote_tmp):
-                    self.fs.rm(remote_tmp, recursive=True)
+                raise
 
     @staticmethod
     def _swap_local(src: str, dest: str) -> None:
@@ -209,8 +214,13 @@ class Root:
                 f.write(data)
             os.replace(tmp, full)
         else:
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, full)
+            try:
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, full)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.fs.rm_file(tmp)
+                raise
 
     # -- manifests -------------------------------------------------------------
     def verify(self, rel: str, *, deep: bool = True) -> dict:
@@ -225,11 +235,19 @@ class Root:
             raise IntegrityError(f"{self.uri(rel)}: no manifest (missing or never published)") from None
         except ValueError as e:
             raise IntegrityError(f"{self.uri(rel)}: unreadable manifest: {e}") from None
+        listed: dict[str, int] | None = None
+        if not deep and not self.local:   # one listing, not a request per file
+            top = self.path(rel) + "/"
+            listed = {p[len(top):]: i["size"] for p, i in self.fs.find(top, detail=True).items() if p.startswith(top)}
         for entry in manifest["files"]:
             name = posixpath.join(rel, entry["name"])
             try:
                 if deep:
                     digest, size = self.sha256(name)
+                elif listed is not None:
+                    digest, size = entry["sha256"], listed.get(entry["name"])
+                    if size is None:
+                        raise FileNotFoundError(name)
                 else:
                     digest, size = entry["sha256"], self.fs.size(self.path(name))
             except FileNotFoundError:
@@ -284,8 +302,13 @@ def publish_file(root: Root, local_path: str, rel: str) -> None:
         os.replace(local_path, full)
         return
     tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
-    root.fs.put_file(local_path, tmp)
-    root.fs.mv(tmp, full)
+    try:
+        root.fs.put_file(local_path, tmp)
+        root.fs.mv(tmp, full)
+    except BaseException:   # never leave a .tmp- object behind
+        with contextlib.suppress(OSError):
+            root.fs.rm_file(tmp)
+        raise
 
 
 def verify_output(desc: dict) -> None:
