@@ -23,10 +23,17 @@ def _size(text: str) -> list[int]:
     return [h, w]
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pixelsim", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pixel-similarity flow")
+def _cron(text: str) -> str:
+    from prefect.client.schemas.schedules import CronSchedule
+    try:
+        CronSchedule(cron=text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a cron expression: {text!r} (e.g. '0 2 * * *')") from None
+    return text
+
+
+def run_options(run: argparse.ArgumentParser) -> None:
+    """The flow's options, shared by `run` and `serve`."""
     run.add_argument("--dataset", help="a named dataset (see `pixelsim datasets`; default mnist_sample) or, "
                      "with --source, the name its outputs are filed under (default: the source's file name)")
     run.add_argument("--source", help="archive URL or path (any fsspec URL); never falls back")
@@ -35,7 +42,6 @@ def parser() -> argparse.ArgumentParser:
                      help="storage root, a folder or fsspec URL (default: ./pixelsim-data or $PIXELSIM_ROOT)")
     run.add_argument("--metric", choices=["l1", "rmse"], default="l1", help="headline distance (both are computed)")
     run.add_argument("--refresh", action="store_true", help="recompute every step, ignoring cached results")
-    run.add_argument("--json", action="store_true", help="print exactly the report JSON on stdout")
     run.add_argument("--shard-size", type=int, default=5000, help="images per Parquet shard")
     run.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1: grayscale (luma), 3: RGB")
     run.add_argument("--resize", type=_size, help="resize every image to HxW instead of failing on mixed sizes")
@@ -49,6 +55,19 @@ def parser() -> argparse.ArgumentParser:
                      help="where mapped steps (convert, evaluate) run")
     run.add_argument("--workers", type=int, help="parallel workers for the task runner (default: CPU count)")
     run.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (with --task-runner dask)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pixelsim", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pixel-similarity flow")
+    run_options(run)
+    run.add_argument("--json", action="store_true", help="print exactly the report JSON on stdout")
+    serve = sub.add_parser("serve", help="serve the flow on a cron schedule from this process "
+                           "(needs a Prefect server: PREFECT_API_URL)")
+    serve.add_argument("--cron", type=_cron, required=True, help="when to run, in UTC, e.g. '0 2 * * *'")
+    serve.add_argument("--name", help="deployment name (default: the dataset's name)")
+    run_options(serve)
     sub.add_parser("datasets", help="list the named datasets")
     show = sub.add_parser("show", help="a past run's summary, from the stored files (no Prefect needed)")
     show.add_argument("run", nargs="?", help="a run id (or a unique prefix) or a report folder; default: the latest run")
@@ -75,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     _quiet_prefect_defaults()
-    from flows.pixel_similarity import pixel_similarity
+    from flows.pixel_similarity import masked_source, pixel_similarity
     from flows.runners import task_runner
     from storage.errors import PixelsimError
 
@@ -83,14 +102,19 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.download import dataset_name
         args.dataset = dataset_name(args.source) if args.source else "mnist_sample"
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    params = dict(dataset=args.dataset, source=args.source, root=args.root, metric=args.metric,
+                  refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
+                  resize=args.resize, classes=classes, train_split=args.train_split,
+                  valid_split=args.valid_split, device=args.device,
+                  sha256=args.sha256, skip_bad=args.skip_bad)
+    runner = task_runner(args.task_runner, args.workers, args.dask_address)
+    if args.command == "serve":
+        from flows.serve import serve
+        return serve(params, cron=args.cron, name=args.name or args.dataset, task_runner=runner)
+    from flows.progress import terminal_progress
     try:
-        flow = pixel_similarity.with_options(task_runner=task_runner(args.task_runner, args.workers,
-                                                                     args.dask_address))
-        out = flow(dataset=args.dataset, source=args.source, root=args.root, metric=args.metric,
-                               refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
-                               resize=args.resize, classes=classes, train_split=args.train_split,
-                               valid_split=args.valid_split, device=args.device,
-                               sha256=args.sha256, skip_bad=args.skip_bad)
+        with terminal_progress(sys.stderr.isatty()):
+            out = pixel_similarity.with_options(task_runner=runner)(**{**params, "source": masked_source(args.source)})
     except PixelsimError as e:
         print(f"pixelsim: error: {e}", file=sys.stderr)
         return 1

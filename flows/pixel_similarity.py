@@ -1,16 +1,24 @@
 """The pixel-similarity flow: wiring only; every step's work lives in `tasks`."""
 from __future__ import annotations
 
+import base64
+import posixpath
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
+                               create_table_artifact, update_progress_artifact)
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
+from pydantic import SecretStr
 
 from flows.datasets import DATASETS
+from flows.progress import notify
 from storage.errors import DownloadError, IntegrityError, PixelsimError
 from storage.fetch import redact
 from storage.history import append_run, history_rows
@@ -57,9 +65,10 @@ class Steps:
         self._took(t.name, start)
         return out
 
-    def map(self, t: Any, args: list[tuple], names: list[str], **kwargs: Any) -> list[dict]:
+    def map(self, t: Any, args: list[tuple], names: list[str], *,
+            on_done: Callable[[int, int], None] | None = None, **kwargs: Any) -> list[dict]:
         """One task run per tuple of positional `args` (named `names[i]`), run concurrently on
-        the flow's task runner.
+        the flow's task runner; `on_done(finished, total)` follows them in completion order.
 
         Failures are gathered, so bad images from every shard are reported together.
         """
@@ -67,6 +76,10 @@ class Steps:
         fresh = t.with_options(refresh_cache=True)
         first = fresh if self.refresh else t
         futures = [first.with_options(task_run_name=n).submit(*a, **kwargs) for a, n in zip(args, names)]
+        if on_done:
+            on_done(0, len(futures))
+            for n, _ in enumerate(as_completed(futures), 1):
+                on_done(n, len(futures))
         outs, hits, failures = [], [], []
         for a, name, future in zip(args, names, futures):
             future.wait()
@@ -130,13 +143,21 @@ def fetch_source(run: Steps, dataset: str, source: str | None, root: str,
                      "note": f"official source {redact(ds.url)} unreachable; used the bundled copy"}
 
 
+def masked_source(source: str | None) -> str | SecretStr | None:
+    """A source URL carrying credentials, as a SecretStr: Prefect then records the flow run's
+    `source` parameter as '**********' instead of storing the credentials in its database."""
+    return SecretStr(source) if source and redact(source) != source else source
+
+
 @flow(name="pixel-similarity", log_prints=False)
-def pixel_similarity(dataset: str = "mnist_sample", source: str | None = None, root: str = "pixelsim-data",
+def pixel_similarity(dataset: str = "mnist_sample", source: str | SecretStr | None = None, root: str = "pixelsim-data",
                      metric: str = "l1", refresh: bool = False, shard_size: int = 5000, channels: int = 1,
                      resize: list[int] | None = None, classes: list[str] | None = None,
                      train_split: str | None = None, valid_split: str | None = None,
                      device: str = "cpu", sha256: str | None = None, skip_bad: int = 0) -> dict:
     """Archive -> extracted tree -> shards -> templates -> predictions -> report."""
+    if isinstance(source, SecretStr):  # see masked_source
+        source = source.get_secret_value()
     if metric not in METRICS:
         raise PixelsimError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
     log = get_run_logger()
@@ -150,7 +171,7 @@ def pixel_similarity(dataset: str = "mnist_sample", source: str | None = None, r
     plan = plan_shards(tree, layout.to_dict(), dataset, root, shard_size, channels, resize)
     done = run.map(convert, [(p,) for p in plan["plans"]], [p["name"] for p in plan["plans"]], tree=tree,
                    classes=plan["classes"], shape=plan["shape"], root=root, channels=channels, resize=bool(resize),
-                   skip_bad=skip_bad > 0)
+                   skip_bad=skip_bad > 0, on_done=ConvertProgress(dataset))
     shards = finish_shards(plan, done, root, skip_bad)
     if shards["skipped"]:
         log.warning("skipped %d bad image file(s) (--skip-bad %d):\n  %s", len(shards["skipped"]), skip_bad,
@@ -167,7 +188,7 @@ def pixel_similarity(dataset: str = "mnist_sample", source: str | None = None, r
     reused = [s for s in STEPS if run.cached.get(s)]
     log.info("reused cached results for %d of %d steps%s", len(reused), len(STEPS),
              f" ({', '.join(reused)})" if reused else "")
-    publish_artifacts(dataset, result, run.cached)
+    publish_artifacts(dataset, result, run.cached, tmpl)
     run_id = str(flow_run.id)
     steps = [{"step": s, "seconds": round(run.seconds.get(s, 0.0), 3), "cached": bool(run.cached.get(s))}
              for s in STEPS]
@@ -175,14 +196,76 @@ def pixel_similarity(dataset: str = "mnist_sample", source: str | None = None, r
     return {"report": result, "cached": run.cached, "run_id": run_id}
 
 
-def publish_artifacts(dataset: str, report: dict, cached: dict[str, bool]) -> None:
-    """The run's summary in the Prefect UI: the Markdown report and a per-class table."""
-    steps = ", ".join(f"{s}: {'cached' if cached.get(s) else 'computed'}" for s in STEPS)
+class ConvertProgress:
+    """Convert progress as shards finish: a progress artifact in the UI, a bar on a terminal."""
+
+    def __init__(self, dataset: str):
+        self.dataset, self.id, self.shown = dataset, None, -1.0
+
+    def __call__(self, done: int, total: int) -> None:
+        pct = round(100.0 * done / total, 1) if total else 100.0
+        text = f"{done} of {total} shards converted"
+        if self.id is None:
+            self.id = create_progress_artifact(pct, key=artifact_key(self.dataset, "convert-progress"),
+                                               description=text)
+        elif pct >= self.shown + 1 or done == total:  # whole percents: one API call each at most
+            update_progress_artifact(self.id, pct, description=text)
+        else:
+            pct = self.shown
+        self.shown = pct
+        notify("convert", done, total)
+
+
+TEMPLATE_WIDTH = 112   # pixels on screen: a 28x28 template at 4x
+MAX_INLINE = 256_000   # bytes of PNG per template; larger ones are only linked
+
+
+def template_images(tmpl: dict, per_row: int = 10) -> list[str]:
+    """Markdown tables of the class templates as data: URIs: the UI fetches nothing from a storage
+    root, and an image artifact takes only a URL a browser can reach."""
+    root, out = Root(tmpl["root"]), ["", "## Templates", ""]
+    classes = tmpl["classes"]
+    for i in range(0, len(classes), per_row):
+        cells = []
+        for c in classes[i:i + per_row]:
+            png = root.read_bytes(posixpath.join(tmpl["dir"], f"{c}.png"))
+            if len(png) > MAX_INLINE:
+                return []
+            cells.append(f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" '
+                         f'width="{TEMPLATE_WIDTH}" alt="template of {c}" title="{c}">')
+        out += ["| " + " | ".join(classes[i:i + per_row]) + " |", "|" + "---|" * len(cells),
+                "| " + " | ".join(cells) + " |", ""]
+    return out
+
+
+def output_links(report: dict) -> dict[str, str]:
+    """Where each output lives, as a URL (file:// for a local root); predictions are a glob in
+    their folder, so the folder is linked."""
+    out = {}
+    for what, uri in report["artifacts"].items():
+        folder = posixpath.dirname(uri) if "*" in uri else uri
+        out[what] = folder if "://" in folder else Path(folder).as_uri()
+    return out
+
+
+def publish_artifacts(dataset: str, report: dict, cached: dict[str, bool], tmpl: dict | None = None) -> None:
+    """The run's summary in the Prefect UI: the Markdown report with the templates, the steps
+    cached and links to the outputs, a per-class table, and a link to the report folder."""
+    head = report["metrics"][report["metric"]]
+    summary = (f"{report['metric']} balanced {head['balanced']} "
+               f"({', '.join(f'{c}: {a}' for c, a in head['per_class'].items())})")
+    links = output_links(report)
+    extra = ["", "## Steps", "", "| step | result |", "|---|---|",
+             *[f"| {s} | {'cached' if cached.get(s) else 'computed'} |" for s in STEPS],
+             "", "## Links", "", *[f"- [{what}]({url})" for what, url in links.items()], ""]
     create_markdown_artifact(key=artifact_key(dataset, "report"),
-                             markdown=render_markdown(report) + f"\nSteps: {steps}\n",
-                             description=f"pixel-similarity report for {dataset}")
+                             markdown=render_markdown(report) + "\n".join((template_images(tmpl) if tmpl else []) + extra),
+                             description=f"pixel-similarity report for {dataset}: {summary}")
     rows = [{"class": c, "train": report["counts"]["train"].get(c, 0), "valid": report["counts"]["valid"].get(c, 0),
              **{f"{m} accuracy": report["metrics"][m]["per_class"][c] for m in report["metrics"]}}
             for c in report["classes"]]
     create_table_artifact(key=artifact_key(dataset, "accuracy"), table=rows,
                           description=f"per-class accuracy for {dataset}")
+    create_link_artifact(links["report"], link_text=report["artifacts"]["report"],
+                         key=artifact_key(dataset, "report-folder"),
+                         description=f"the report files of this {dataset} run in the storage root")

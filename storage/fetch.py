@@ -26,6 +26,10 @@ from storage.errors import ChecksumError, DownloadError, TransientDownloadError
 
 log = logging.getLogger(__name__)
 
+# set by the CLI to draw a download bar on a terminal: a Prefect task cannot take a callback
+# (its arguments are pickled and hashed into the cache key)
+progress_hook: Callable[[int, int | None], None] | None = None
+
 CHUNK = 2**20
 HEAD = 2**20  # fastai pins archives by the md5 of their first MiB
 MAX_REDIRECTS = 10
@@ -129,8 +133,10 @@ def retry_after(value: str | None, cap: float) -> float | None:
 class _Part:
     """The partial file plus hashes that always describe exactly its bytes, so resume is free."""
 
-    def __init__(self, fh: BinaryIO, url: str, pins: Pins):
-        self.fh, self.url, self.pins = fh, url, pins
+    def __init__(self, fh: BinaryIO, url: str, pins: Pins,
+                 progress: Callable[[int, int | None], None] | None = None):
+        self.fh, self.url, self.pins, self.progress = fh, url, pins, progress
+        self.total = pins.size
         self.reset()
 
     def reset(self) -> None:
@@ -149,6 +155,8 @@ class _Part:
         self.sha.update(chunk)
         self.fh.write(chunk)
         self.n += len(chunk)
+        if self.progress:
+            self.progress(self.n, self.total)
 
 
 def _content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -214,6 +222,7 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
             if pins.size is not None and total is not None and total != pins.size:
                 raise ChecksumError(shown, f"size mismatch: expected {pins.size} bytes, "
                                            f"server announces {total}")
+            part.total = total if total is not None else part.total
             for chunk in r.iter_raw():  # unchunked: a chunker would drop buffered bytes on error
                 part.write(chunk)
             if total is not None and part.n < total:
@@ -225,6 +234,7 @@ def _fsspec_attempt(url: str, part: _Part, storage_options: dict) -> None:
     part.reset()  # generic filesystems give no portable resume
     try:
         with fsspec.open(url, "rb", **storage_options) as src:
+            part.total = getattr(src, "size", None) or part.total
             while chunk := src.read(CHUNK):
                 part.write(chunk)
     except (TimeoutError, ConnectionError) as exc:
@@ -270,11 +280,13 @@ def _fsync_dir(path: str) -> None:
 def fetch(url: str, dest: str | os.PathLike[str], *, pins: Pins | None = None, attempts: int = 5,
           backoff: float = 0.5, max_backoff: float = 30.0, timeout: float = 30.0,
           storage_options: dict | None = None,
-          sleep: Callable[[float], object] = time.sleep) -> Fetched:
+          sleep: Callable[[float], object] = time.sleep,
+          progress: Callable[[int, int | None], None] | None = None) -> Fetched:
     """Download `url` to `dest`, retrying transient failures and resuming where the server allows.
 
     For http(s), `storage_options["headers"]` are sent with each request; for other
-    schemes `storage_options` go to `fsspec.open`.
+    schemes `storage_options` go to `fsspec.open`. `progress(bytes so far, total or None)` is
+    called as bytes arrive (default: the module's `progress_hook`).
     """
     if attempts < 1:
         raise ValueError("attempts must be >= 1")
@@ -290,7 +302,7 @@ def fetch(url: str, dest: str | os.PathLike[str], *, pins: Pins | None = None, a
     is_http = urlsplit(url).scheme.lower() in ("http", "https")
     try:
         with os.fdopen(fd, "wb+") as fh:
-            part = _Part(fh, shown, pins)
+            part = _Part(fh, shown, pins, progress or progress_hook)
             client = httpx.Client(timeout=timeout, follow_redirects=False) if is_http else None
             with client or contextlib.nullcontext():
                 for i in range(attempts):

@@ -7,7 +7,7 @@ import httpx
 import fsspec
 
 from storage.errors import DownloadError
-from storage.fetch import redact
+from storage.fetch import _cause, redact  # _cause masks secrets a library echoes
 from storage.root import digest_json
 
 
@@ -20,7 +20,7 @@ def fingerprint(url: str, timeout: float = 5.0) -> dict:
         try:
             resp = httpx.head(url, follow_redirects=True, timeout=timeout)
         except httpx.HTTPError as e:
-            raise DownloadError(redact(url), f"unreachable: {type(e).__name__}: {e}") from None
+            raise DownloadError(redact(url), f"unreachable: {_cause(e, url)}") from None
         if resp.status_code >= 400:
             # some servers refuse HEAD; the download itself decides what the status means
             return {"status": resp.status_code}
@@ -38,6 +38,6 @@ def fingerprint(url: str, timeout: float = 5.0) -> dict:
     except FileNotFoundError:
         raise DownloadError(redact(url), "no such file") from None
     except Exception as e:  # noqa: BLE001 - any backend failure means unreachable
-        raise DownloadError(redact(url), f"unreachable: {type(e).__name__}: {e}") from None
+        raise DownloadError(redact(url), f"unreachable: {_cause(e, url)}") from None
     keep = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "checksum", "md5")
     return {k: str(info[k]) for k in keep if info.get(k) is not None}

@@ -144,7 +144,7 @@ def finish_shards(plan: dict, results: list[dict], root: str, skip_bad: int = 0)
     counts = {s: {c: sum(x["counts"][c] for x in results if x["split"] == s) for c in plan["classes"]}
               for s in SPLITS}
     digest = publish_parts(Root(root), plan["dir"], results, classes=plan["classes"], shape=plan["shape"],
-                           counts=counts)
+                           counts=counts, rows={posixpath.basename(x["file"]): x["rows"] for x in results})
     shards = {s: [x["file"] for x in results if x["split"] == s] for s in SPLITS}
     return {"root": root, "dir": plan["dir"], "digest": digest, "classes": plan["classes"],
             "shape": plan["shape"], "counts": counts, "shards": shards, "skipped": skipped,

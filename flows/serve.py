@@ -1,0 +1,44 @@
+"""`pixelsim serve`: the flow as a deployment on a cron schedule, run by this process.
+
+Work-pool users get the same deployment from `prefect.yaml` at the repository root.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+DESCRIPTION = "fastbook ch.4 pixel similarity: archive -> shards -> class templates -> accuracy report"
+
+
+def deployment_parameters(params: dict[str, Any]) -> dict[str, Any]:
+    """The values set, with local paths made absolute: scheduled runs must not depend on where
+    the serving process was started."""
+    out = {k: v for k, v in params.items() if v is not None}
+    for k in ("root", "source"):
+        if isinstance(out.get(k), str) and "://" not in out[k]:
+            out[k] = os.path.abspath(out[k])
+    return out
+
+
+def has_server() -> bool:
+    """A temporary server (no PREFECT_API_URL) dies with this process and creates no scheduled runs."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def serve(params: dict[str, Any], *, cron: str, name: str, task_runner: Any = None) -> int:
+    """Register the deployment `pixel-similarity/<name>` and run its flow runs until interrupted."""
+    if not has_server():
+        print("pixelsim: error: serve needs a Prefect server that keeps running: start one with "
+              "`prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        return 2
+    from prefect.deployments.runner import EntrypointType
+
+    from flows.pixel_similarity import pixel_similarity
+
+    flow = pixel_similarity.with_options(task_runner=task_runner) if task_runner else pixel_similarity
+    flow.serve(name=name, cron=cron, parameters=deployment_parameters(params), description=DESCRIPTION,
+               tags=["pixelsim"], entrypoint_type=EntrypointType.MODULE_PATH)
+    return 0

@@ -1,0 +1,92 @@
+"""Run history: one small Parquet file per flow run under `<root>/history/`, one row per metric.
+
+One file per run, never a shared file rewritten in place: concurrent runs cannot lose each
+other's rows, no lock is needed (object stores have none to offer), and the folder reads as
+one table with pyarrow/pandas (`history/`), DuckDB or Polars (`history/*.parquet`). Each
+file is written under a `_`-prefixed temporary name, which dataset readers and `*.parquet`
+globs skip, then renamed into place.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+import uuid
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.root import Root
+
+HISTORY = "history"
+
+SCHEMA = pa.schema([
+    ("run_id", pa.string()),                 # the Prefect flow run id
+    ("time", pa.timestamp("us", tz="UTC")),  # when the run started
+    ("dataset", pa.string()),
+    ("source_url", pa.string()),
+    ("source_sha256", pa.string()),
+    ("metric", pa.string()),
+    ("headline", pa.bool_()),                # the run's --metric
+    ("balanced", pa.float64()),
+    ("overall", pa.float64()),
+    ("per_class", pa.list_(pa.struct([("class", pa.string()), ("accuracy", pa.float64())]))),
+    ("steps", pa.list_(pa.struct([("step", pa.string()), ("seconds", pa.float64()), ("cached", pa.bool_())]))),
+    ("total_seconds", pa.float64()),         # the whole run, wall clock
+    ("report", pa.string()),                 # the report folder
+])
+
+
+def history_rows(run_id: str, started: datetime, report: dict, steps: list[dict], seconds: float) -> list[dict]:
+    """A run's rows (one per metric) from its report JSON and step timings."""
+    src = report["source"]
+    return [{"run_id": run_id, "time": started.astimezone(timezone.utc), "dataset": report["dataset"],
+             "source_url": src.get("url"), "source_sha256": src.get("sha256"), "metric": name,
+             "headline": name == report["metric"], "balanced": m["balanced"], "overall": m["overall"],
+             "per_class": [{"class": c, "accuracy": m["per_class"].get(c)} for c in report["classes"]],
+             "steps": [{"step": s["step"], "seconds": float(s["seconds"]), "cached": bool(s["cached"])}
+                       for s in steps],
+             "total_seconds": round(float(seconds), 3), "report": report["artifacts"]["report"]}
+            for name, m in report["metrics"].items()]
+
+
+def file_name(run_id: str, started: datetime) -> str:
+    """Sorts by start time; no colons, so it is a valid name on every filesystem and object store."""
+    stamp = started.astimezone(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    return f"{stamp}-{run_id}.parquet"
+
+
+def append_run(root: Root, rows: list[dict]) -> str:
+    """Publish the run's history file; returns its path relative to the root."""
+    if not rows:
+        raise ValueError("a run has at least one metric row")
+    rel = posixpath.join(HISTORY, file_name(rows[0]["run_id"], rows[0]["time"]))
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buf, compression="zstd")
+    full, tmp = root.path(rel), root.path(posixpath.join(HISTORY, f"_tmp-{uuid.uuid4().hex}"))
+    root.fs.makedirs(root.path(HISTORY), exist_ok=True)
+    try:
+        root.fs.pipe_file(tmp, buf.getvalue())
+        root.fs.mv(tmp, full)
+    finally:
+        if root.fs.exists(tmp):
+            root.fs.rm(tmp)
+    return rel
+
+
+def history_files(root: Root) -> list[str]:
+    """Published history files, oldest first (temporary `_tmp-*` files are not listed)."""
+    pattern = root.path(posixpath.join(HISTORY, "*.parquet"))
+    return sorted(p for p in root.fs.glob(pattern) if not posixpath.basename(p).startswith(("_", ".")))
+
+
+def read_history(root: Root) -> pa.Table:
+    """Every run's rows, oldest first; an empty table when nothing was recorded."""
+    tables = []
+    for path in history_files(root):
+        with root.fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f))
+    if not tables:
+        return SCHEMA.empty_table()
+    table = pa.concat_tables(tables, promote_options="default")
+    return table.sort_by([("time", "ascending"), ("run_id", "ascending"), ("metric", "ascending")])
