@@ -260,7 +260,7 @@ def publish_artifacts(dataset: str, report: dict, cached: dict[str, bool], tmpl:
              "", "## Links", "", *[f"- [{what}]({url})" for what, url in links.items()], ""]
     create_markdown_artifact(key=artifact_key(dataset, "report"),
                              markdown=render_markdown(report) + "\n".join((template_images(tmpl) if tmpl else []) + extra),
-                             description=f"pixel-similarity report for {dataset}: {summary}")
+                             description=f"{summary}: pixel-similarity report for {dataset}")
     rows = [{"class": c, "train": report["counts"]["train"].get(c, 0), "valid": report["counts"]["valid"].get(c, 0),
              **{f"{m} accuracy": report["metrics"][m]["per_class"][c] for m in report["metrics"]}}
             for c in report["classes"]]

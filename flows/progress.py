@@ -57,8 +57,9 @@ def _console_handlers() -> list[logging.Handler]:
     """Prefect's rich log handlers, which hold their own console on stderr."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
-    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
-    return [h for lg in loggers for h in getattr(lg, "handlers", []) if isinstance(h, PrefectConsoleHandler)]
+    loggers = [logging.getLogger(), *list(logging.root.manager.loggerDict.values())]
+    return [h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers
+            if isinstance(h, PrefectConsoleHandler)]
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ def prefect_server(tmp_path_factory) -> str:
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = base_env(home)
+    env["PREFECT_SERVER_API_PORT"] = str(port)   # the UI's API URL follows this, not --port
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
