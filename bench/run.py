@@ -17,8 +17,8 @@ DATASET = "mnist_sample"
 
 def timed(fn, *args, **kwargs):
     """(result, {"s": wall seconds, "cpu": CPU seconds of this process and its children})."""
-    cpu = lambda: sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)  # noqa: E731
-                      for f in ("ru_utime", "ru_stime"))
+    cpu = lambda: sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime")  # noqa: E731
+                      for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     t, c = time.perf_counter(), cpu()
     out = fn(*args, **kwargs)
     return out, {"s": time.perf_counter() - t, "cpu": cpu() - c}
@@ -30,8 +30,7 @@ def w_seed(p: dict) -> dict:
     import numpy as np
     import torch
     from PIL import Image
-    t0 = time.perf_counter()
-    base = Path(p["base"])
+    t0, base = time.perf_counter(), Path(p["base"])
     classes = sorted(d.name for d in (base / "train").iterdir() if d.is_dir())
 
     def load(split: str, c: str) -> torch.Tensor:
@@ -48,8 +47,7 @@ def w_seed(p: dict) -> dict:
         for i, (c, v) in enumerate(zip(classes, valid)):
             pred = torch.stack([fn(v, mu) for mu in means]).argmin(0)
             acc[m][c] = int((pred == i).sum()) / len(v)
-    t2 = time.perf_counter()
-    return {"classes": classes, "accuracy": acc, "load_s": t1 - t0, "s": t2 - t0}
+    return {"classes": classes, "accuracy": acc, "load_s": t1 - t0, "s": time.perf_counter() - t0}
 
 
 def w_steps(p: dict) -> dict:
@@ -91,12 +89,15 @@ def w_decode(p: dict) -> dict:
     r, lay = Root(p["root"]), Layout(**p["layout"])
     names = [f for f, _ in split_files(list(tree_entries(r, p["tree"])), lay, lay.train)]
     files, n = [Path(r.path(f"{p['tree']['dir']}/files/{f}")) for f in names], len(names)
-    arr, t_shards = timed(lambda: np.concatenate([b["image"] for b in iter_arrays(r, p["shards"]["shards"]["train"])]))
     pillow = lambda b: np.array(Image.open(io.BytesIO(b)))  # noqa: E731
     fastest = ("pillow", pillow)
     with contextlib.suppress(ImportError):
         import pyspng
         fastest = ("pyspng", pyspng.load)
+
+    def load():
+        return timed(lambda: np.concatenate([b["image"] for b in iter_arrays(r, p["shards"]["shards"]["train"])]))
+    (arr, t_first), t_shards = load(), min((load()[1] for _ in range(3)), key=lambda t: t["s"])
 
     def read_decode(fn):
         return timed(lambda: np.stack([fn(f.read_bytes()) for f in files]).reshape(n, -1))
@@ -107,8 +108,8 @@ def w_decode(p: dict) -> dict:
     _, t_raw = timed(lambda: [fastest[1](b) for b in blobs])
     return {"images": n, "same_pixels": bool(arr.shape == fast.shape and (arr == fast).all()),
             "fastest": fastest[0], "decoder": decoder_name(),
-            "rate": {"shards": n / t_shards["s"], "fastest": n / t_fast["s"], "pillow": n / t_pil["s"],
-                     "decode": n / t_dec["s"], "raw": n / t_raw["s"]}}
+            "rate": {"shards": n / t_shards["s"], "shards_first": n / t_first["s"], "fastest": n / t_fast["s"],
+                     "pillow": n / t_pil["s"], "decode": n / t_dec["s"], "raw": n / t_raw["s"]}}
 
 
 def w_step(p: dict) -> dict:
@@ -130,7 +131,6 @@ def w_step(p: dict) -> dict:
         out, t = timed(compute_templates, p["shards"], root)
     else:
         out, t = timed(evaluate_templates, p["shards"], p["templates"], root)
-        out = {k: v for k, v in out.items() if k != "metrics"}
     return {"out": out, **t, **extra}
 
 
@@ -165,11 +165,18 @@ def spawn(cmd: list, log: Path, env: dict | None = None) -> dict:
             "err": Path(f"{log}.err").read_text()}
 
 
+def last_line(text: str) -> str:
+    """The exception line of a traceback (else the last line), safe inside a Markdown table cell."""
+    lines = text.strip().splitlines() or [""]
+    line = next((ln for ln in reversed(lines) if re.match(r"[\w.]*(Error|Exception)\b", ln)), lines[-1])
+    return line[:300].replace("|", "/")
+
+
 def worker(name: str, payload: dict, log: Path, env: dict | None = None) -> tuple[dict, dict]:
     Path(f"{log}.in.json").write_text(json.dumps(payload))
     p = spawn([sys.executable, "-m", "bench.run", "--worker", name, f"{log}.in.json", f"{log}.res.json"], log, env)
     if p["rc"]:
-        raise RuntimeError(f"worker {name} exited {p['rc']}: {p['err'][-1500:]}")
+        raise RuntimeError(f"worker {name} exited {p['rc']}: {last_line(p['err'])} (see {log}.err)")
     return json.loads(Path(f"{log}.res.json").read_text()), p
 
 
@@ -184,10 +191,10 @@ def prefect_env(home: Path, api: str | None = None) -> dict:
 def prefect_server(home: Path, log: Path):
     """`prefect server start` on a free loopback port; yields (api url, startup seconds); stops it."""
     with socket.create_server(("127.0.0.1", 0)) as s:
-        port = s.getsockname()[1]
+        port = str(s.getsockname()[1])
     api, t = f"http://127.0.0.1:{port}/api", time.perf_counter()
     with open(log, "wb") as f:
-        proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
                                 env=prefect_env(home), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while True:
@@ -213,22 +220,18 @@ def prefect_server(home: Path, log: Path):
 def synthetic_tar(path: Path, n: int) -> None:
     """n MNIST-like 28x28 PNGs in synth/{train,valid}/{0..9}/ (5/6 train), from 300 distinct images."""
     import numpy as np
-    from PIL import Image
-    rng, pngs = np.random.default_rng(0), {}
-    for c in range(10):
-        pngs[c] = []
-        for _ in range(30):
-            img = ((rng.random((28, 28)) < 0.08) * rng.integers(0, 256, (28, 28))).astype(np.uint8)
-            img[4:24, 2 + 2 * c:8 + 2 * c] = rng.integers(100, 256, (20, 6))
-            buf = io.BytesIO()
-            Image.fromarray(img).save(buf, format="PNG")
-            pngs[c].append(buf.getvalue())
-    n_train = n * 5 // 6
+    from storage.images import encode_png
+    rng = np.random.default_rng(0)
+
+    def png(c: int) -> bytes:  # sparse noise plus a bright bar whose position is the class
+        img = ((rng.random((28, 28)) < 0.08) * rng.integers(0, 256, (28, 28))).astype(np.uint8)
+        img[4:24, 2 + 2 * c:8 + 2 * c] = rng.integers(100, 256, (20, 6))
+        return encode_png(img)
+    pngs = {c: [png(c) for _ in range(30)] for c in range(10)}
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tf:
         for i in range(n):
-            split, c = ("train" if i < n_train else "valid"), i % 10
-            data = pngs[c][(i // 10) % 30]
-            ti = tarfile.TarInfo(f"synth/{split}/{c}/{i:07d}.png")
+            data = pngs[i % 10][(i // 10) % 30]
+            ti = tarfile.TarInfo(f"synth/{'train' if i < n * 5 // 6 else 'valid'}/{i % 10}/{i:07d}.png")
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
 
@@ -236,14 +239,13 @@ def synthetic_tar(path: Path, n: int) -> None:
 def scale(n: int, tmp: Path, logs: Path) -> dict:
     root = tmp / f"scale-{n}"
     rel = "archives/synthetic/synthetic.tar"
-    (root / "archives/synthetic").mkdir(parents=True, exist_ok=True)
+    (root / rel).parent.mkdir(parents=True)
     _, gen = timed(synthetic_tar, root / rel, n)
     with open(root / rel, "rb") as f:
         sha = hashlib.file_digest(f, "sha256").hexdigest()
     state = {"root": str(root), "archive": {"root": str(root), "file": rel, "sha256": sha,
                                             "bytes": (root / rel).stat().st_size, "url": str(root / rel)}}
-    n_train = n * 5 // 6
-    images = {"untar": n, "convert": n, "templates": n_train, "evaluate": n - n_train}
+    images = {"untar": n, "convert": n, "templates": n * 5 // 6, "evaluate": n - n * 5 // 6}
     result = {"images": n, "generate_s": gen["s"], "steps": {}}
     try:
         for name, key in (("untar", "tree"), ("convert", "shards"), ("templates", "templates"), ("evaluate", None)):
@@ -266,11 +268,10 @@ def scale(n: int, tmp: Path, logs: Path) -> dict:
 def machine() -> dict:
     model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                   if ln.startswith("model name")), platform.processor())
-
-    v = lambda pkg: next((d.version for d in md.distributions(name=pkg)), None)  # noqa: E731
+    versions = {p: next((d.version for d in md.distributions(name=p)), None)
+                for p in ("torch", "prefect", "pyarrow", "pillow", "numpy", "pyspng")}
     return {"cpus": os.cpu_count(), "model": model, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "python": platform.python_version(), **{p: v(p) for p in ("torch", "prefect", "pyarrow", "pillow",
-                                                                          "numpy", "pyspng")}}
+            "python": platform.python_version(), **versions}
 
 
 def run_pixelsim(mode: str, data: Path, tmp: Path, logs: Path) -> dict:
@@ -278,20 +279,20 @@ def run_pixelsim(mode: str, data: Path, tmp: Path, logs: Path) -> dict:
     home, root = tmp / f"prefect-{mode}", tmp / f"root-{mode}"
     home.mkdir(parents=True)
     cmd = [BIN / "pixelsim", "run", "--source", data, "--root", root, "--json"]
-    server = prefect_server(home, logs / "prefect-server.log") if mode == "server" else contextlib.nullcontext((None, None))
-    with server as (api, startup):
+    with (prefect_server(home, logs / "prefect-server.log") if mode == "server"
+          else contextlib.nullcontext((None, None))) as (api, startup):
         env = prefect_env(home, api)
-        floor = [worker("trivial", {}, logs / f"E-{mode}-{i}", env)[1]["wall"] for i in range(2)]
-        c = spawn(cmd, logs / f"C-{mode}", env)
-        d = spawn(cmd, logs / f"D-{mode}", env)
-    for name, p in (("C", c), ("D", d)):
-        if p["rc"]:
-            raise RuntimeError(f"{name} [{mode}] exited {p['rc']}: {p['err'][-1500:]}")
-    reused = re.findall(r"reused cached results for \d+ of \d+ steps", d["err"])
-    rep = json.loads(c["out"])
-    return {"server_start_s": startup, "C": c["wall"], "D": d["wall"], "E": min(floor), "E_runs": floor,
-            "C_rss_mb": c["rss_mb"], "D_cached": reused[-1] if reused else "no cache line in the log",
-            "accuracy": {m: v["per_class"] for m, v in rep["metrics"].items()}}
+        trivial = [sys.executable, "-m", "bench.run", "--worker", "trivial", "-", os.devnull]
+        runs = {f"E{i}": spawn(trivial, logs / f"E-{mode}-{i}", env) for i in range(2)}
+        runs.update(C=spawn(cmd, logs / f"C-{mode}", env), D=spawn(cmd, logs / f"D-{mode}", env))
+    wall = {k: None if p["rc"] else p["wall"] for k, p in runs.items()}  # a failed command is reported, not timed
+    reused = re.findall(r"reused cached results for \d+ of \d+ steps", runs["D"]["err"])
+    return {"server_start_s": startup, "C": wall["C"], "D": wall["D"], "E_runs": [wall["E0"], wall["E1"]],
+            "E": min((w for w in (wall["E0"], wall["E1"]) if w is not None), default=None),
+            "C_rss_mb": runs["C"]["rss_mb"], "D_cached": reused[-1] if reused else "no cache line in the log",
+            "failed": {k: f"{k} exited {p['rc']}: {last_line(p['err'])}" for k, p in runs.items() if p["rc"]},
+            "accuracy": {} if wall["C"] is None else
+            {m: v["per_class"] for m, v in json.loads(runs["C"]["out"])["metrics"].items()}}
 
 
 def section(results: dict, key: str, fn, *args):
@@ -331,27 +332,29 @@ def table(R: dict) -> str:
     for mode in ("server", "ephemeral"):
         m = R.get(f"C-{mode}", {})
         if "error" in m or not m:
-            rows.append(("C/D/E", f"[{mode}] failed", m.get("error", "not run")[:200], "—", "—"))
+            rows.append(("C/D/E", f"[{mode}] failed: {m.get('error', 'not run')}", "—", "—", "—"))
             continue
         row("C", f"pixelsim run, cold [{mode}]", m["C"], "s", "B all steps", b_all, "C/B")
         row("D", f"pixelsim run, warm [{mode}] ({m['D_cached']})", m["D"], "s", "C cold", m["C"], "D/C")
         row("E", f"trivial 3-task flow, best of 2 [{mode}]", m["E"], "s", "C cold", m["C"], "E/C")
-        row("C-E", f"pixelsim overhead cold [{mode}]", m["C"] - m["E"], "s", "B all steps", b_all, "(C-E)/B")
-        row("D-E", f"pixelsim overhead warm [{mode}]", m["D"] - m["E"], "s", "B all steps", b_all, "(D-E)/B")
+        for k in ("C", "D"):
+            over = m[k] - m["E"] if None not in (m[k], m["E"]) else None
+            row(f"{k}-E", f"pixelsim overhead {'cold' if k == 'C' else 'warm'} [{mode}]", over, "s", "B all steps",
+                b_all, f"({k}-E)/B")
+        rows.extend(("!", f"[{mode}] {err}", "failed", "—", "—") for err in m.get("failed", {}).values())
         if m["server_start_s"]:
-            row("C", "prefect server start → /api/health (not in C/D/E)", m["server_start_s"], "s",
-                "E trivial flow", m["E"], "÷")
+            row("C", "prefect server start → healthy (not in C/D/E)", m["server_start_s"], "s", "E trivial flow", m["E"])
     rate, fast = F.get("rate", {}), F.get("fastest", "fastest")
-    for what, k, vs, vk in (("train images from shards → one uint8 array", "shards", f"read+decode ({fast})", "fastest"),
-                            (f"read+decode the same PNGs ({fast})", "fastest", "read+decode (Pillow)", "pillow"),
-                            ("read+decode the same PNGs (Pillow)", "pillow", "shards", "shards")):
+    for what, k, vs, vk in (("train images: shards → one array, best of 3", "shards", f"{fast} read+decode", "fastest"),
+                            ("the same, first call in the process", "shards_first", "best of 3", "shards"),
+                            (f"{fast} read+decode of the same PNG files", "fastest", "Pillow read+decode", "pillow"),
+                            ("Pillow read+decode of the same PNG files", "pillow", "shards, best of 3", "shards")):
         row("F", what, rate.get(k), "img/s", vs, rate.get(vk))
     row("dec", f"single-core storage.images.decode ({F.get('decoder')}, CRC-checked, in memory)",
         rate.get("decode"), "img/s", f"bare {fast} in memory", rate.get("raw"), "÷")
     cv = st.get("convert")
     if cv and rate.get("decode"):
-        n = sum(sum(c.values()) for c in B["shards"]["counts"].values())
-        cores = cv["cpu"] / cv["s"]
+        n, cores = sum(sum(c.values()) for c in B["shards"]["counts"].values()), cv["cpu"] / cv["s"]
         for what, k in ((f"cores used {cores:.2f}", cores), (f"all {R['machine']['cpus']} cores", R["machine"]["cpus"])):
             row("dec", "B convert throughput", n / cv["s"], "img/s", f"{what} × decode rate", k * rate["decode"])
     out = ["| section | what | value | compared with | ratio |", "|---|---|---|---|---|"]
@@ -360,13 +363,15 @@ def table(R: dict) -> str:
     for metric, per in A.get("accuracy", {}).items():
         for c, a in per.items():
             cs = [R.get(f"C-{m}", {}).get("accuracy", {}).get(metric, {}).get(c) for m in ("server", "ephemeral")]
-            out.append(f"| {metric} | {c} | {a:.4f} | {B['accuracy'][metric][c]:.4f} | {cs[0]} | {cs[1]} |")
+            out.append(f"| {metric} | {c} | {a:.4f} | {B['accuracy'][metric][c]:.4f} | "
+                       f"{cs[0] or '—'} | {cs[1] or '—'} |")
     out.append(f"\nA equals pixelsim (B, exact): **{R.get('accuracy_equal')}**; A rounded to 4 places equals "
                f"the C reports: **{R.get('accuracy_equal_C')}**; shard pixels equal the decoded PNGs: "
                f"**{F.get('same_pixels')}**")
     G = R.get("G")
     if G:
-        out += ["", "| N | step | seconds (work) | process wall | images/s | cores used | peak RSS MB | RSS vs smallest N |", "|---|---|---|---|---|---|---|---|"]
+        out += ["", "| N | step | seconds (work) | process wall | images/s | cores used | peak RSS MB "
+                "| RSS vs smallest N |", "|---|---|---|---|---|---|---|---|"]
         runs = [g for g in G.get("runs", []) if "steps" in g]
         for g in runs:
             for k, s in g["steps"].items():
@@ -393,10 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.worker:
         name, src, dst = a.worker
-        Path(dst).write_text(json.dumps(WORKERS[name](json.loads(Path(src).read_text()))))
+        Path(dst).write_text(json.dumps(WORKERS[name](json.loads(Path(src).read_text()) if src != "-" else {})))
         return 0
-    t0 = time.perf_counter()
-    out, data = a.out.resolve(), a.data.resolve()
+    t0, out, data = time.perf_counter(), a.out.resolve(), a.data.resolve()
     tmp, logs = out / "tmp", out / "logs"
     for d in (tmp, logs):
         shutil.rmtree(d, ignore_errors=True)
@@ -412,10 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             section(R, "F", lambda: worker("decode", {"root": str(root), **B}, logs / "F")[0])
         for mode in ("server", "ephemeral"):
             section(R, f"C-{mode}", run_pixelsim, mode, data, tmp, logs)
-        R["accuracy_equal_C"] = all(
-            round(v, 4) == R[f"C-{m}"].get("accuracy", {}).get(metric, {}).get(c)
-            for m in ("server", "ephemeral") for metric, per in R.get("A", {}).get("accuracy", {}).items()
-            for c, v in per.items())
+        R["accuracy_equal_C"] = {m: all(round(v, 4) == R[f"C-{m}"]["accuracy"][metric][c] for metric, per
+                                        in R.get("A", {}).get("accuracy", {}).items() for c, v in per.items())
+                                 for m in ("server", "ephemeral") if R[f"C-{m}"].get("accuracy")}
         if not a.skip_scale:
             G = R["G"] = {"runs": [], "notes": []}
             t_g = time.perf_counter()
@@ -423,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                 if time.perf_counter() - t_g > 15 * 60:
                     G["notes"].append(f"N={n:,} skipped: the scale section passed 15 minutes")
                     break
-                section(G, "last", scale, n, tmp, logs)
-                G["runs"].append(G.pop("last"))
+                G["runs"].append(section({}, f"G N={n:,}", scale, n, tmp, logs))
             rss = [[g["steps"].get(k, {}).get("rss_mb") for g in G["runs"]] for k in ("templates", "evaluate")]
             G["flat"] = all(len(r) > 1 and None not in r and r[-1] <= 1.25 * r[0] for r in rss)
     finally:
@@ -435,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         head = (f"pixelsim benchmark, {m['date']}: {m['cpus']} CPUs ({m['model']}), Python {m['python']}, "
                 f"torch {m['torch']}, prefect {m['prefect']}, pyarrow {m['pyarrow']}, pyspng {m['pyspng']}, "
                 f"decoder {R.get('F', {}).get('decoder')}; data {data.name}; benchmark wall {R['wall_s']:.0f}s; "
-                f"load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in R['load_start'])}, at end {'/'.join(f'{x:.1f}' for x in R['load_end'])}\n")
+                f"load average (1/5/15 min) at start {'/'.join(f'{x:.1f}' for x in R['load_start'])}, "
+                f"at end {'/'.join(f'{x:.1f}' for x in R['load_end'])}\n")
         print(head + "\n" + text)
         (out / "results.json").write_text(json.dumps(R, indent=1, default=str))
         (out / "results.md").write_text(head + "\n" + text + "\n")
