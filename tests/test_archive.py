@@ -396,3 +396,44 @@ def test_gzipped_non_tar_is_refused(tmp_path: Path, sentinel: Path) -> None:
     path.write_bytes(gzip.compress(b"not a tar at all\n" * 1000))
     err = assert_refused(tmp_path, path, "corrupt or truncated")
     assert str(path) in str(err)
+
+
+# --- more refusals (fault model: docs/RELIABILITY.md) -------------------------
+
+def test_zip_absolute_member_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    info = zipfile.ZipInfo(str(tmp_path / "abs_evil.txt"))
+    assert_refused(tmp_path, _zip_with(tmp_path, info, b"x"), "absolute path")
+    assert not (tmp_path / "abs_evil.txt").exists()
+
+
+@pytest.mark.parametrize(("mode", "kind"), [(stat.S_IFIFO, "FIFOs"), (stat.S_IFCHR, "character devices"),
+                                            (stat.S_IFBLK, "block devices"), (stat.S_IFSOCK, "sockets")])
+def test_zip_special_files_are_refused(tmp_path: Path, sentinel: Path, mode: int, kind: str) -> None:
+    info = zipfile.ZipInfo("ds/special")
+    info.create_system = 3
+    info.external_attr = (mode | 0o644) << 16
+    assert_refused(tmp_path, _zip_with(tmp_path, info, b""), f"'ds/special'.*{kind} are not allowed")
+
+
+def test_zip_setuid_mode_is_dropped(tmp_path: Path) -> None:
+    info = zipfile.ZipInfo("ds/run")
+    info.create_system = 3
+    info.external_attr = (stat.S_IFREG | 0o6755) << 16
+    dest = tmp_path / "out"
+    extract(_zip_with(tmp_path, info, b"#!/bin/sh\n"), dest)
+    assert stat.S_IMODE((dest / "ds/run").stat().st_mode) == 0o644 & ~UMASK
+
+
+def test_untar_step_publishes_nothing_when_a_member_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    from tasks.untar import untar_archive
+
+    archive = write_tar(tmp_path / "in.tgz", [tinfo("ds/a.txt", b"ok"),
+                                              _special("ds/link", tarfile.SYMTYPE, "../../outside.txt")])
+    root = tmp_path / "root"
+    desc = {"root": str(root), "file": "in.tgz", "sha256": "ab" * 32}
+    root.mkdir()
+    os.replace(archive, root / "in.tgz")
+    with pytest.raises(ArchiveError, match="'ds/link'.*symlinks"):
+        untar_archive(desc, str(root))
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["extracted", "in.tgz"]
+    assert (tmp_path / "outside.txt").read_bytes() == b"do not touch\n"

@@ -468,3 +468,25 @@ def test_416_when_every_byte_is_already_here(server: Server, tmp_path: Path, sle
     got = run(server.url(), dest, sleeps)  # no size pin: the announced size is wrong
     assert server.ranges == [None, f"bytes={len(DATA)}-"]
     assert dest.read_bytes() == DATA and got.sha256 == SHA
+
+
+def test_https_to_http_downgrade_fails_fast_inside_fetch(tmp_path: Path, sleeps: list[float],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The redirect decision is wired into the download: no request ever goes out over http."""
+    import httpx
+
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:  # an in-process https server
+        seen.append(str(request.url))
+        if request.url.scheme == "https":
+            return httpx.Response(302, headers={"Location": "http://data.example/mnist.tgz"})
+        return httpx.Response(200, content=DATA)
+
+    real = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real(transport=httpx.MockTransport(answer), **kw))
+    with pytest.raises(DownloadError, match="refusing https->http downgrade") as err:
+        run("https://data.example/mnist.tgz?token=t0k", tmp_path / "d", sleeps)
+    assert not isinstance(err.value, TransientDownloadError)
+    assert "https://data.example/mnist.tgz?token=***" in str(err.value) and "t0k" not in str(err.value)
+    assert seen == ["https://data.example/mnist.tgz?token=t0k"] and sleeps == [] and leftovers(tmp_path) == []
