@@ -15,35 +15,20 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import TINY, TINY_FIGURES
+from conftest import TINY_FIGURES, plain_pipeline
 from storage.artifacts import TEMPLATES, read_templates
 from storage.html import heatmap_window, render_report
-from storage.layout import find_layout
 from storage.root import Root, verify_output
 from storage.shards import iter_arrays
-from tasks.convert import convert_tree, tree_entries
-from tasks.download import download_archive
-from tasks.evaluate import evaluate_templates
-from tasks.report import write_report
-from tasks.templates import compute_templates
-from tasks.untar import untar_archive
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The plain functions on the tiny archive; 300-image shards, so the valid split has 3 shards."""
     root = str(tmp_path_factory.mktemp("root"))
-    archive = download_archive(str(TINY), root)
-    tree = untar_archive(archive, root)
-    lay = find_layout(list(tree_entries(Root(root), tree)))
-    shards = convert_tree(tree, lay.to_dict(), "tiny", root, shard_size=300)
-    tmpl = compute_templates(shards, root)
-    ev = evaluate_templates(shards, tmpl, root)
-    rep = write_report("tiny", {"url": archive["url"], "sha256": archive["sha256"]}, shards, tmpl, ev, "l1",
-                       lay.notes, root)
-    page = Path(rep["report"]["artifacts"]["report"]) / "report.html"
-    return {"root": root, "shards": shards, "templates": tmpl, "evaluation": ev, "report": rep, "page": page,
-            "html": page.read_text()}
+    out = plain_pipeline(root)
+    page = Path(out["report"]["report"]["artifacts"]["report"]) / "report.html"
+    return {"root": root, **out, "page": page, "html": page.read_text()}
 
 
 class Page(HTMLParser):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, TINY_FIGURES
+from conftest import TINY_FIGURES, plain_pipeline
 from storage.errors import ImageError, IntegrityError, LayoutError
 from storage.layout import find_layout, natural_key, split_files
 from storage.root import Root, verify_output
@@ -22,9 +21,9 @@ from storage.shards import ShardMeta, iter_arrays, read_meta, write_shard
 from tasks.caching import content_key
 from tasks.convert import convert_tree, tree_entries
 from tasks.download import archive_name, download_archive
-from tasks.evaluate import accuracy, confusion_matrix, distances, evaluate_templates
-from tasks.report import render_markdown, write_report
-from tasks.templates import class_means, compute_templates
+from tasks.evaluate import accuracy, confusion_matrix, distances
+from tasks.report import render_markdown
+from tasks.templates import class_means
 from tasks.untar import untar_archive
 
 
@@ -147,15 +146,8 @@ def test_archive_name_is_safe():
 def tiny_steps(tmp_path_factory):
     """The plain functions chained on the real tiny archive."""
     root = str(tmp_path_factory.mktemp("root"))
-    archive = download_archive(str(TINY), root)
-    tree = untar_archive(archive, root)
-    lay = find_layout(list(tree_entries(Root(root), tree)))
-    shards = convert_tree(tree, lay.to_dict(), "tiny", root, shard_size=300)
-    tmpl = compute_templates(shards, root)
-    ev = evaluate_templates(shards, tmpl, root)
-    rep = write_report("tiny", {"url": archive["url"], "sha256": archive["sha256"]}, shards, tmpl, ev, "l1",
-                       lay.notes, root)
-    return root, archive, tree, shards, tmpl, ev, rep
+    out = plain_pipeline(root)
+    return root, *(out[k] for k in ("archive", "tree", "shards", "templates", "evaluation", "report"))
 
 
 def test_plain_pipeline_on_tiny(tiny_steps):
