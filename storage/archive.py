@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import lzma
 import os
+import posixpath
 import re
 import secrets
 import shutil
@@ -22,6 +23,9 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from typing import IO, Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from storage.errors import ArchiveError
 
@@ -206,6 +210,12 @@ def _zip(raw: IO[bytes], w: _Writer) -> None:
     """Extract a zip; reading each member to its end makes zipfile check its CRC."""
     a = w.archive
     with _guard(a, zipfile.ZipFile, raw) as zf:
+        # zipfile stops at the central directory's byte size, so a corrupt entry length can
+        # swallow the entries after it: the end record's entry count must match.
+        end = _guard(a, zipfile._EndRecData, raw)
+        if end and len(zf.infolist()) != end[zipfile._ECD_ENTRIES_TOTAL]:
+            raise ArchiveError(f"{a}: corrupt archive: the central directory lists {len(zf.infolist())} "
+                               f"of its {end[zipfile._ECD_ENTRIES_TOTAL]} entries")
         for info in zf.infolist():
             ftype = stat.S_IFMT(info.external_attr >> 16)
             if ftype and ftype not in (stat.S_IFREG, stat.S_IFDIR):
@@ -236,6 +246,17 @@ def _decompressor(raw: IO[bytes], head: bytes, archive: str) -> IO[bytes]:
         raise ArchiveError(f"{archive}: not a tar, compressed tar or zip archive") from None
 
 
+def _read(archive: str, w: _Writer) -> None:
+    """Feed every member of a tar (any compression, chosen by magic bytes) or zip to `w`."""
+    with open(archive, "rb") as raw:
+        head = raw.read(tarfile.BLOCKSIZE)
+        raw.seek(0)
+        if head.startswith(b"PK\x03\x04"):
+            _zip(raw, w)
+        else:
+            _tar(_decompressor(raw, head, archive), w)
+
+
 def extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *,
             caps: Caps = Caps()) -> list[Member]:
     """Extract into `dest`, all or nothing; return the regular files sorted by path.
@@ -244,30 +265,102 @@ def extract(archive: str | os.PathLike[str], dest: str | os.PathLike[str], *,
     members are returned anyway so the caller can verify what is there.
     """
     archive, dest = os.fspath(archive), os.path.abspath(dest)
-    with open(archive, "rb") as raw:
-        head = raw.read(tarfile.BLOCKSIZE)
-        raw.seek(0)
-        is_zip = head.startswith(b"PK\x03\x04")
-        stream = None if is_zip else _decompressor(raw, head, archive)
-        tmp: str | None = f"{dest}.tmp-{secrets.token_hex(8)}"
-        os.mkdir(tmp, 0o755)
-        try:
-            w = _Writer(archive, tmp, caps)
-            if stream is None:
-                _zip(raw, w)
-            else:
-                _tar(stream, w)
-            if not os.path.lexists(dest):
-                try:
-                    os.rename(tmp, dest)
-                    tmp = None
-                except OSError:
-                    if not os.path.lexists(dest):
-                        raise
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
+    tmp: str | None = f"{dest}.tmp-{secrets.token_hex(8)}"
+    os.mkdir(tmp, 0o755)
+    try:
+        w = _Writer(archive, tmp, caps)
+        _read(archive, w)
+        if not os.path.lexists(dest):
+            try:
+                os.rename(tmp, dest)
+                tmp = None
+            except OSError:
+                if not os.path.lexists(dest):
+                    raise
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return sorted(w.members, key=lambda m: m.path)
+
+
+BLOB = "members.bin"
+INDEX = "members.parquet"
+
+
+@dataclass(frozen=True)
+class Packed:
+    """What `pack` wrote: `files` members in BLOB, indexed by INDEX, plus every folder."""
+
+    files: int
+    bytes: int
+    sha256: str  # of BLOB
+    dirs: list[str]
+
+
+class _Packer(_Writer):
+    """Appends every member to one blob instead of creating a file each.
+
+    Creating a file costs 0.35-0.7 ms on the disks measured here, 10x the decode of a small
+    PNG, so a dataset of tiny images is stored as one sequential write plus an index.
+    Folder/file clashes, which the filesystem catches for `extract`, are checked here.
+    """
+
+    def __init__(self, archive: str, out: IO[bytes], caps: Caps):
+        super().__init__(archive, "", caps)
+        self.out, self.offset, self.blob_hash = out, 0, hashlib.sha256()
+        self.dirs: set[str] = set()
+        self.files: set[str] = set()
+        self.paths: list[str] = []
+        self.offsets: list[int] = []
+        self.sizes: list[int] = []
+        self.digests: list[str] = []
+
+    def mkdir(self, name: str, path: str) -> None:
+        while path and path not in self.dirs:
+            if path in self.files:
+                raise self.refuse(name, "clashes with an earlier member")
+            self.dirs.add(path)
+            path = posixpath.dirname(path)
+
+    def file(self, name: str, path: str, read: Callable[[int], bytes]) -> None:
+        if path in self.dirs:
+            raise self.refuse(name, "clashes with an earlier member")
+        self.mkdir(name, posixpath.dirname(path))
+        digest, size = hashlib.sha256(), 0
+        while chunk := read(_CHUNK):
+            size += len(chunk)
+            self.check(name, size, len(chunk))
+            self.total += len(chunk)
+            digest.update(chunk)
+            self.blob_hash.update(chunk)
+            self.out.write(chunk)
+        self.files.add(path)
+        self.paths.append(path)
+        self.offsets.append(self.offset)
+        self.sizes.append(size)
+        self.digests.append(digest.hexdigest())
+        self.offset += size
+
+
+def pack(archive: str | os.PathLike[str], folder: str | os.PathLike[str], *, caps: Caps = Caps()) -> Packed:
+    """Read the archive with the same rules as `extract`, into `folder`/BLOB and `folder`/INDEX.
+
+    The index (path, offset, size, sha256 per regular file, in archive order) is Parquet, so
+    it is as queryable as the shards; `folder` is a staging folder its caller publishes.
+    """
+    archive, folder = os.fspath(archive), os.fspath(folder)
+    with open(os.path.join(folder, BLOB), "wb", buffering=_CHUNK) as out:
+        w = _Packer(archive, out, caps)
+        _read(archive, w)
+    table = pa.table({"path": pa.array(w.paths, pa.string()), "offset": pa.array(w.offsets, pa.int64()),
+                      "size": pa.array(w.sizes, pa.int64()), "sha256": pa.array(w.digests, pa.string())})
+    pq.write_table(table, os.path.join(folder, INDEX), compression="zstd")
+    return Packed(files=len(w.paths), bytes=w.offset, sha256=w.blob_hash.hexdigest(), dirs=sorted(w.dirs))
+
+
+def read_index(data: bytes) -> pa.Table:
+    """The INDEX written by `pack`, from its bytes."""
+    return pq.read_table(pa.BufferReader(data))
 
 
 def pack_folder(folder: str | os.PathLike, dest: str | os.PathLike) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from storage.errors import LayoutError
@@ -38,19 +38,27 @@ def _hidden(path: str) -> bool:
     return _HIDDEN.search(path) is not None
 
 
-def _index(paths: list[str], folders: list[str]) -> tuple[dict[str, set[str]], dict[str, list[str]]]:
-    """Child folders and direct files of every folder."""
+def _index(paths: list[str], folders: list[str]) -> tuple[dict[str, set[str]], dict[str, list[str]], Counter]:
+    """Child folders and direct files of every folder, and how many files each holds at any depth.
+
+    One pass, and each folder is walked up once: a million paths take seconds, not minutes.
+    """
     dirs: dict[str, set[str]] = defaultdict(set)
     files: dict[str, list[str]] = defaultdict(list)
-    for p in paths + [f + "/" for f in folders]:
-        parent, name = posixpath.split(p)
-        if name:
-            files[parent].append(name)
+    direct: Counter = Counter()
+    for p in paths:
+        parent, name = p.rpartition("/")[::2]
+        files[parent].append(name)
+        direct[parent] += 1
+    under: Counter = Counter()
+    for folder in set(direct) | set(folders):
+        n, parent = direct.get(folder, 0), folder
         while parent:
-            up, leaf = posixpath.split(parent)
+            up, _, leaf = parent.rpartition("/")
             dirs[up].add(leaf)
+            under[parent] += n
             parent = up
-    return dirs, files
+    return dirs, files, under
 
 
 def _class_folders(dirs: dict[str, set[str]], split: str) -> list[str]:
@@ -61,7 +69,7 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
                 classes: list[str] | None = None) -> Layout:
     """Locate the splits and classes; explicit split names win over the usual ones."""
     paths = [p for p in paths if not _hidden(p)]
-    dirs, files = _index(paths, [d for d in folders if not _hidden(d)])
+    dirs, files, under = _index(paths, [d for d in folders if not _hidden(d)])
     train_names = (train_split,) if train_split else TRAIN_NAMES
     base = None
     for folder in sorted(dirs, key=lambda d: (d.count("/") + bool(d), d)):
@@ -91,8 +99,7 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
         notes.append(f"folder {other}/ ignored: not a split")
 
     def images(split: str, cls: str) -> int:
-        prefix = join(base, split, cls) + "/"
-        return sum(1 for p in paths if p.startswith(prefix))
+        return under[join(base, split, cls)]
 
     train_classes = [c for c in _class_folders(dirs, join(base, train))]
     empty = [c for c in train_classes if images(train, c) == 0]

@@ -13,6 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
+from storage.archive import BLOB, INDEX, read_index
 from storage.errors import ImageError, LayoutError
 from storage.images import decode, peek_size
 from storage.layout import Layout, split_files
@@ -20,42 +21,46 @@ from storage.root import MANIFEST, Root, digest_json, part_of, publish_parts, sh
 from storage.shards import ShardMeta, shard_name, write_shard
 from tasks.caching import step
 
-VERSION = "3"
+VERSION = "4"
 SPLITS = ("train", "valid")
 MAX_LISTED = 20
 
 
-def tree_listing(root: Root, tree: dict) -> tuple[dict[str, dict], list[str]]:
-    """Manifest entries of the extracted files keyed by their path inside the archive, and
-    the archive's folders (an empty class folder has no file to show it)."""
+def tree_listing(root: Root, tree: dict) -> tuple[dict[str, tuple[int, int, str]], list[str]]:
+    """{path inside the archive: (offset, size, sha256)} of the unpacked members, and the
+    archive's folders (an empty class folder has no file to show it)."""
     manifest = root.read_json(posixpath.join(tree["dir"], MANIFEST))
-    prefix = "files/"
-    entries = {e["name"][len(prefix):]: e for e in manifest["files"] if e["name"].startswith(prefix)}
-    return entries, manifest.get("dirs", [])
+    index = read_index(root.read_bytes(posixpath.join(tree["dir"], INDEX)))
+    cols = [index.column(c).to_pylist() for c in ("path", "offset", "size", "sha256")]
+    return {p: (o, n, h) for p, o, n, h in zip(*cols)}, manifest.get("dirs", [])
 
 
-def tree_entries(root: Root, tree: dict) -> dict[str, dict]:
+def tree_entries(root: Root, tree: dict) -> dict[str, tuple[int, int, str]]:
     return tree_listing(root, tree)[0]
+
+
+def read_members(root: Root, tree: dict, files: list[list]) -> list[bytes]:
+    """The bytes of plan entries [path, label, sha256, size, offset], from the members blob."""
+    return root.read_ranges(posixpath.join(tree["dir"], BLOB), [(f[4], f[3]) for f in files])
 
 
 def common_size(root: Root, tree: dict, files: list[list], sample: int = 101) -> tuple[int, int]:
     """The most common image size among evenly spread training files, so that one odd file,
     even the first, is the one reported as mis-sized."""
-    step_ = max(1, len(files) // sample)
-    sizes = Counter(peek_size(root.read_bytes(posixpath.join(tree["dir"], "files", f[0])))
-                    for f in files[::step_][:sample])
+    picked = files[::max(1, len(files) // sample)][:sample]
+    sizes = Counter(peek_size(data) for data in read_members(root, tree, picked))
     sizes.pop(None, None)
     if not sizes:
         first = files[0]
-        return read_image(root, tree["dir"], first[0], first[2], first[3], channels=1, size=None,
+        return read_image(read_members(root, tree, [first])[0], first, channels=1, size=None,
                           resize=False).shape[:2]
     return max(sizes.items(), key=lambda kv: kv[1])[0]
 
 
-def read_image(root: Root, tree_dir: str, path: str, sha256: str, size_bytes: int, *, channels: int,
-               size: tuple[int, int] | None, resize: bool) -> np.ndarray:
-    """Decode one extracted file, checking its bytes against the extraction manifest."""
-    data = root.read_bytes(posixpath.join(tree_dir, "files", path))
+def read_image(data: bytes, entry: list, *, channels: int, size: tuple[int, int] | None,
+               resize: bool) -> np.ndarray:
+    """Decode one member, checking its bytes against the unpacking index first."""
+    path, _, sha256, size_bytes = entry[:4]
     if len(data) != size_bytes or hashlib.sha256(data).hexdigest() != sha256:
         raise ImageError(f"{path}: changed since extraction (does not match the manifest)")
     return decode(data, path, channels=channels, size=size, resize=resize)
@@ -84,7 +89,7 @@ def plan_shards(tree: dict, layout: dict, dataset: str, root: str, shard_size: i
             chunk = files[i * shard_size:(i + 1) * shard_size]
             plans.append({"split": role, "folder": folder, "index": i, "count": n,
                           "name": f"convert-{role}-{i:05d}", "file": f"{rel}/{shard_name(role, i, n)}",
-                          "files": [[p, c, entries[p]["sha256"], entries[p]["bytes"]] for p, c in chunk]})
+                          "files": [[p, c, entries[p][2], entries[p][1], entries[p][0]] for p, c in chunk]})
     train = [f for p in plans if p["split"] == "train" for f in p["files"]]
     shape = list(resize) if resize else list(common_size(r, tree, train))
     shape += [3] if channels == 3 else []
@@ -100,11 +105,9 @@ def convert_shard(plan: dict, tree: dict, classes: list[str], shape: list[int], 
     """
     r = Root(root)
     images, kept, errors = [], [], []
-    for entry in plan["files"]:
-        path, _, sha, nbytes = entry
+    for entry, data in zip(plan["files"], read_members(r, tree, plan["files"])):
         try:
-            images.append(read_image(r, tree["dir"], path, sha, nbytes, channels=channels,
-                                     size=tuple(shape[:2]), resize=resize))
+            images.append(read_image(data, entry, channels=channels, size=tuple(shape[:2]), resize=resize))
             kept.append(entry)
         except ImageError as e:
             errors.append(str(e))

@@ -300,19 +300,24 @@ def test_truncated_shard_is_detected_and_rebuilt(cli, site):
 
 def test_an_image_changed_after_extraction_is_not_decoded(tmp_path):
     from storage.errors import ImageError
-    from tasks.convert import read_image, tree_entries
+    from tasks.convert import read_image, read_members, tree_entries
     from tasks.download import download_archive
     from tasks.untar import untar_archive
 
     (tmp_path / "a.tgz").write_bytes(tgz(tiny_members(1)))
     root = str(tmp_path / "root")
     tree = untar_archive(download_archive(str(tmp_path / "a.tgz"), root), root)
-    name, entry = next(iter(tree_entries(Root(root), tree).items()))
-    args = (Root(root), tree["dir"], name, entry["sha256"], entry["bytes"])
-    assert read_image(*args, channels=1, size=None, resize=False).shape == (28, 28)
-    (Path(root) / tree["dir"] / "files" / name).write_bytes(_png(0))  # a valid PNG, other pixels
+    name, (offset, size, sha) = next(iter(tree_entries(Root(root), tree).items()))
+    entry = [name, 0, sha, size, offset]
+    (data,) = read_members(Root(root), tree, [entry])
+    assert read_image(data, entry, channels=1, size=None, resize=False).shape == (28, 28)
+    blob = Path(root) / tree["dir"] / "members.bin"
+    with open(blob, "r+b") as f:  # the same length, other bytes: a bit flip on disk after unpacking
+        f.seek(offset + size - 5)
+        f.write(bytes(b ^ 0xFF for b in data[-5:]))
+    (changed,) = read_members(Root(root), tree, [entry])
     with pytest.raises(ImageError, match=f"{re.escape(name)}: changed since extraction"):
-        read_image(*args, channels=1, size=None, resize=False)
+        read_image(changed, entry, channels=1, size=None, resize=False)
 
 
 # --- crashes and concurrency ---------------------------------------------------------------
