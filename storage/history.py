@@ -85,7 +85,7 @@ def read_history(root: Root) -> pa.Table:
     tables = []
     for path in history_files(root):
         with root.fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f))
+            tables.append(pq.ParquetFile(f).read())
     if not tables:
         return SCHEMA.empty_table()
     table = pa.concat_tables(tables, promote_options="default")

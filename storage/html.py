@@ -63,7 +63,7 @@ def worst_predictions(root: Root, files: list[str], k: int = WORST) -> dict[str,
     parts = []
     for rel in files:
         with root.open(rel) as f:
-            table = pq.read_table(f, columns=["path", "label", "metric", "predicted", "correct", "distance"])
+            table = pq.ParquetFile(f).read(columns=["path", "label", "metric", "predicted", "correct", "distance"])
         wrong = table.filter(pc.invert(table.column("correct")))
         parts.append(wrong.append_column("predictions", pa.array([rel] * len(wrong), pa.string())))
     if not parts:

@@ -71,7 +71,7 @@ def iter_arrays(root: Root, rels: list[str], columns: tuple[str, ...] = ("label_
         data = root.read_bytes(rel)
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256[rel]:
             raise IntegrityError(f"{root.uri(rel)}: does not match its manifest (truncated or altered)")
-        table = pq.read_table(pa.BufferReader(data), columns=list(columns))
+        table = pq.ParquetFile(pa.BufferReader(data)).read(columns=list(columns))  # not read_table: see read_index
         out: dict[str, np.ndarray | list] = {}
         for name in columns:
             col = table.column(name).combine_chunks()
