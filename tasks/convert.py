@@ -5,26 +5,29 @@ parallel on any task runner, cache one by one, and a lost shard is rebuilt alone
 """
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
-from collections import Counter
 import math
 import posixpath
-from concurrent.futures import ProcessPoolExecutor
+from collections import Counter
 
 import numpy as np
 
 from storage.archive import BLOB, INDEX, read_index
 from storage.errors import ImageError, LayoutError
-from storage.images import decode, peek_size
+from storage.images import decode_batch, decode_members, peek_size
 from storage.layout import Layout, split_files
 from storage.root import MANIFEST, Root, digest_json, part_of, publish_parts, sha256_file
 from storage.shards import ShardMeta, shard_name, write_shard
+from tasks import pool
 from tasks.caching import step
 
 VERSION = "4"
 SPLITS = ("train", "valid")
 MAX_LISTED = 20
+# Below this many files a process pool's start (about 0.3 s) costs more than its cores save.
+POOL_MIN_IMAGES = 50_000
+MIN_BATCH = 500
 
 
 def tree_listing(root: Root, tree: dict) -> tuple[dict[str, tuple[int, int, str]], list[str]]:
@@ -61,10 +64,34 @@ def common_size(root: Root, tree: dict, files: list[list], sample: int = 101) ->
 def read_image(data: bytes, entry: list, *, channels: int, size: tuple[int, int] | None,
                resize: bool) -> np.ndarray:
     """Decode one member, checking its bytes against the unpacking index first."""
-    path, _, sha256, size_bytes = entry[:4]
-    if len(data) != size_bytes or hashlib.sha256(data).hexdigest() != sha256:
-        raise ImageError(f"{path}: changed since extraction (does not match the manifest)")
-    return decode(data, path, channels=channels, size=size, resize=resize)
+    images, _, errors = decode_members([(entry[0], entry[2], data)], channels=channels, size=size, resize=resize)
+    if errors:
+        raise ImageError(errors[0])
+    return images[0]
+
+
+def decode_all(items: list[tuple[str, str, bytes]], *, channels: int, size: tuple[int, int], resize: bool,
+               parallel: bool) -> tuple[np.ndarray, list[int], list[str]]:
+    """Decode checked members into one (n, H, W[, C]) array: in batches over the shared process
+    pool, or here when the work is too small to pay for one."""
+    ex = pool.pool() if parallel else None
+    batch = max(MIN_BATCH, math.ceil(len(items) / (2 * pool.workers()))) if ex else len(items) or 1
+    args, ends = [], []
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        ends = list(itertools.accumulate(len(x[2]) for x in chunk))
+        args.append(([x[0] for x in chunk], [x[1] for x in chunk], b"".join(x[2] for x in chunk), ends))
+    kw = {"channels": channels, "size": size, "resize": resize}
+    results = ([ex.submit(decode_batch, *a, **kw) for a in args] if ex and len(args) > 1 else
+               [decode_batch(*a, **kw) for a in args])
+    arrays, good, errors = [], [], []
+    for start, r in zip(range(0, len(items), batch), results):
+        arr, ok, err = r.result() if ex and len(args) > 1 else r
+        arrays.append(arr)
+        good += [start + i for i in ok]
+        errors += err
+    shape = (*size, 3) if channels == 3 else tuple(size)
+    return (np.concatenate(arrays) if arrays else np.zeros((0, *shape), np.uint8)), good, errors
 
 
 def pack_entries(entries: list[list]) -> str:
@@ -85,6 +112,7 @@ def plan_shards(tree: dict, layout: dict, dataset: str, root: str, shard_size: i
     entries = tree_entries(r, tree)
     rel = f"shards/{dataset}/{digest_json([tree['digest'], layout, shard_size, channels, resize, VERSION])[:16]}"
     plans, counts, train = [], {}, []
+    parallel = len(entries) >= POOL_MIN_IMAGES
     for role, folder in zip(SPLITS, (lay.train, lay.valid)):
         files = split_files(list(entries), lay, folder)
         if not files:
@@ -98,7 +126,7 @@ def plan_shards(tree: dict, layout: dict, dataset: str, root: str, shard_size: i
             train += chunk if role == "train" else []
             plans.append({"split": role, "folder": folder, "index": i, "count": n,
                           "name": f"convert-{role}-{i:05d}", "file": f"{rel}/{shard_name(role, i, n)}",
-                          "files": pack_entries(chunk)})
+                          "files": pack_entries(chunk), "parallel": parallel})
     shape = list(resize) if resize else list(common_size(r, tree, train))
     shape += [3] if channels == 3 else []
     return {"dir": rel, "shape": shape, "counts": counts, "classes": lay.classes, "plans": plans}
@@ -112,19 +140,15 @@ def convert_shard(plan: dict, tree: dict, classes: list[str], shape: list[int], 
     returned, so the flow can hold the whole run to its --skip-bad budget.
     """
     r = Root(root)
-    images, kept, errors = [], [], []
     files = json.loads(plan["files"])
-    for entry, data in zip(files, read_members(r, tree, files)):
-        try:
-            images.append(read_image(data, entry, channels=channels, size=tuple(shape[:2]), resize=resize))
-            kept.append(entry)
-        except ImageError as e:
-            errors.append(str(e))
+    items = [(f[0], f[2], data) for f, data in zip(files, read_members(r, tree, files))]
+    pixels, good, errors = decode_all(items, channels=channels, size=tuple(shape[:2]), resize=resize,
+                                      parallel=plan.get("parallel", False))
+    kept = [files[i] for i in good]
     if errors and not skip_bad:
         raise BadImages(errors)
     meta = ShardMeta(shape=tuple(shape), classes=classes, split=plan["folder"],
                      source_sha256=tree.get("archive_sha256", ""))
-    pixels = np.stack(images) if images else np.zeros((0, *shape), np.uint8)
     labels = np.array([f[1] for f in kept], dtype=np.int64)
     with r.staged_file(part_of(plan["file"])) as tmp:
         write_shard(tmp, meta, [f[0] for f in kept], labels, pixels)
@@ -164,17 +188,13 @@ def finish_shards(plan: dict, results: list[dict], root: str, skip_bad: int = 0)
 
 
 def convert_tree(tree: dict, layout: dict, dataset: str, root: str, shard_size: int = 5000,
-                 channels: int = 1, resize: list[int] | None = None, workers: int = 1, skip_bad: int = 0) -> dict:
-    """All shards without Prefect (benchmarks, scripts): a process pool when workers > 1."""
+                 channels: int = 1, resize: list[int] | None = None, skip_bad: int = 0) -> dict:
+    """All shards without Prefect (benchmarks, scripts), one after another; large datasets still
+    decode on every core through the shared pool."""
     plan = plan_shards(tree, layout, dataset, root, shard_size, channels, resize)
     args = [(p, tree, plan["classes"], plan["shape"], root, channels, bool(resize), skip_bad > 0)
             for p in plan["plans"]]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            futures = [pool.submit(convert_shard, *a) for a in args]
-            outcomes = [_outcome(f.result) for f in futures]
-    else:
-        outcomes = [_outcome(lambda a=a: convert_shard(*a)) for a in args]
+    outcomes = [_outcome(lambda a=a: convert_shard(*a)) for a in args]
     errors = [e for o in outcomes if isinstance(o, BadImages) for e in o.errors]
     if errors:
         raise BadImages(errors)

@@ -1,0 +1,59 @@
+"""A process pool for decoding, shared by the convert tasks of one process.
+
+The thread task runner keeps Prefect in one process, where decoding holds the GIL; this pool
+spreads the decoding over every core without starting Prefect (or torch) in the workers.
+"""
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import sys
+import threading
+from concurrent.futures import Executor, ProcessPoolExecutor
+
+ENV = "PIXELSIM_DECODE_WORKERS"
+_lock = threading.Lock()
+_pool: ProcessPoolExecutor | None = None
+
+
+def workers() -> int:
+    """Pool size: $PIXELSIM_DECODE_WORKERS, else the usable cores; 0 (decode in place) on one core
+    or inside a worker of a process or Dask task runner, which already spreads the work."""
+    if os.environ.get(ENV):
+        return max(0, int(os.environ[ENV]))
+    if multiprocessing.parent_process() is not None or not _main_importable():
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores if cores > 1 else 0
+
+
+def _main_importable() -> bool:
+    """Workers re-import the main module; a script read from stdin has no file to import."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return getattr(getattr(main, "__spec__", None), "name", None) is not None or path is None or os.path.exists(path)
+
+
+def pool() -> Executor | None:
+    """The shared pool, started on first use; None when decoding should stay in this process."""
+    global _pool
+    with _lock:
+        if _pool is None and (n := workers()):
+            # forkserver: no fork of a process running Prefect's threads; workers preload only
+            # the decoder's imports (numpy, Pillow, pyspng), about 0.3 s once.
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["storage.images"])
+            _pool = ProcessPoolExecutor(n, mp_context=ctx)
+        return _pool
+
+
+def shutdown() -> None:
+    global _pool
+    with _lock:
+        if _pool is not None:
+            _pool.shutdown(cancel_futures=True)
+            _pool = None
+
+
+atexit.register(shutdown)
