@@ -7,6 +7,7 @@ import io
 import os
 import stat
 import tarfile
+import tempfile
 import time
 import warnings
 import zipfile
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.archive import Caps, Member, _normalise, extract
+from storage.archive import Caps, Member, _normalise, extract, pack
 from storage.errors import ArchiveError
 
 MNIST_TINY = Path(__file__).parent / "data" / "mnist_tiny.tgz"
@@ -94,6 +95,8 @@ def assert_refused(tmp_path: Path, archive: Path, match: str, caps: Caps = Caps(
     assert snapshot(tmp_path) == before
     assert (tmp_path / "outside.txt").read_bytes() == b"do not touch\n"
     assert (tmp_path / "outside.txt").stat().st_mtime_ns == 1_500_000_000_000_000_000
+    with tempfile.TemporaryDirectory() as packed, pytest.raises(ArchiveError, match=match):
+        pack(str(archive), packed, caps=caps)  # the untar step's way refuses the same, as well
     return err.value
 
 
