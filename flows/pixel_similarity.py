@@ -29,7 +29,7 @@ from tasks.convert import BadImages, convert, finish_shards, plan_shards, tree_l
 from tasks.download import download
 from tasks.evaluate import METRICS, evaluate, evaluation_dir, finish_evaluation
 from tasks.report import render_markdown, report
-from tasks.templates import templates
+from tasks.templates import templates, torch_device
 from tasks.untar import untar
 
 STEPS = ("download", "untar", "convert", "templates", "evaluate", "report")
@@ -160,6 +160,8 @@ def pixel_similarity(dataset: str = "mnist_sample", source: str | SecretStr | No
         source = source.get_secret_value()
     if metric not in METRICS:
         raise PixelsimError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}")
+    if device != "cpu":
+        torch_device(device)  # a missing GPU fails now, not after the download and convert
     log = get_run_logger()
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     run = Steps(refresh)

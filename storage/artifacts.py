@@ -41,18 +41,25 @@ def read_templates(root: Root, rel: str) -> tuple[list[str], np.ndarray, tuple[i
     return table.column("class").to_pylist(), means, shape
 
 
-def write_predictions(path: str, columns: dict[str, list | np.ndarray]) -> None:
+def write_predictions(path: str, columns: dict[str, list | np.ndarray | pa.Array]) -> None:
+    """Columns may be lists, numpy arrays or Arrow arrays; the file's schema is the same for all."""
     dist = columns["distances"]
     table = pa.table({
-        "path": pa.array(columns["path"], pa.string()),
-        "label": pa.array(columns["label"], pa.string()),
-        "metric": pa.array(columns["metric"], pa.string()),
-        "predicted": pa.array(columns["predicted"], pa.string()),
-        "correct": pa.array(columns["correct"], pa.bool_()),
-        "distance": pa.array(columns["distance"], pa.float32()),
+        "path": _array(columns["path"], pa.string()),
+        "label": _array(columns["label"], pa.string()),
+        "metric": _array(columns["metric"], pa.string()),
+        "predicted": _array(columns["predicted"], pa.string()),
+        "correct": _array(columns["correct"], pa.bool_()),
+        "distance": _array(columns["distance"], pa.float32()),
         "distances": pa.FixedSizeListArray.from_arrays(pa.array(dist.ravel(), pa.float32()), dist.shape[1]),
     })
     pq.write_table(table, path, compression="zstd")
+
+
+def _array(values: list | np.ndarray | pa.Array, type_: pa.DataType) -> pa.Array:
+    if isinstance(values, pa.Array):
+        return values if values.type == type_ else values.cast(type_)
+    return pa.array(values, type_)
 
 
 def confusion_csv(classes: list[str], matrix: list[list[int]]) -> bytes:

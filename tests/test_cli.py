@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import PIXELSIM, SAMPLE, SAMPLE_COUNTS, SAMPLE_FIGURES, TINY, TINY_FIGURES, assert_figures, base_env
 
@@ -149,3 +150,13 @@ def test_non_png_in_class_folder_is_named_and_nothing_published(cli, serve):
     # good shards may wait in a hidden _parts/ folder, but nothing is published
     assert list(cli.root.glob("shards/*/*/*.parquet")) == []
     assert list(cli.root.glob("shards/*/*/_manifest.json")) == []
+
+
+def test_a_missing_gpu_fails_before_any_work(cli):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    r = cli("run", "--device", "cuda", "--source", str(cli.root.parent / "never-read.tgz"))
+    assert r.code == 1
+    assert "--device cuda: torch sees no CUDA GPU" in r.stderr and "use --device cpu" in r.stderr
+    assert not cli.root.exists() or not any(cli.root.rglob("*.parquet"))  # nothing downloaded or converted
