@@ -12,9 +12,14 @@ TRAIN_NAMES = ("train", "training")
 VALID_NAMES = ("valid", "validation", "test", "testing")
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural_key(name: str) -> tuple:
     """Sort "10" after "9" so class and file order reads the way people number things."""
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+    parts: list = _DIGITS.split(name)   # text, digits, text, ...: digit runs at odd places
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts)
 
 
 @dataclass(frozen=True)
@@ -128,12 +133,14 @@ def split_files(paths: list[str], layout: Layout, split: str) -> list[tuple[str,
     """(path, class index) of every file under the split's class folders, in a fixed order."""
     folder = posixpath.join(layout.base, split) if layout.base else split
     index = {c: i for i, c in enumerate(layout.classes)}
+    prefix = folder + "/"
+    cut = len(prefix)
     out = []
     for p in paths:
-        if _hidden(p) or not p.startswith(folder + "/"):
+        if not p.startswith(prefix) or _hidden(p):
             continue
-        parts = p[len(folder) + 1:].split("/")
-        if len(parts) >= 2 and parts[0] in index:
-            out.append((p, index[parts[0]]))
-    out.sort(key=lambda t: (t[1], natural_key(t[0])))
+        cls, sep, _ = p[cut:].partition("/")
+        if sep and cls in index:
+            out.append((p, index[cls]))
+    out.sort(key=lambda t: (t[1], natural_key(t[0][cut:])))
     return out
