@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import stat
+import struct
 import tarfile
 import tempfile
 import time
@@ -15,7 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from storage.archive import Caps, Member, _normalise, extract, pack
+from storage.archive import BLOB as PACK_BLOB
+from storage.archive import (
+    INDEX,
+    Caps,
+    Member,
+    _normalise,
+    _number,
+    _pax,
+    extract,
+    pack,
+    read_index,
+)
 from storage.errors import ArchiveError
 
 MNIST_TINY = Path(__file__).parent / "data" / "mnist_tiny.tgz"
@@ -440,3 +452,316 @@ def test_untar_step_publishes_nothing_when_a_member_is_refused(tmp_path: Path, s
         untar_archive(desc, str(root))
     assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["extracted", "in.tgz"]
     assert (tmp_path / "outside.txt").read_bytes() == b"do not touch\n"
+
+
+# --- the streaming tar reader: differential against tarfile, and hostile headers --------
+
+BIG = os.urandom(1 << 20) + b"tail" * 100  # more than one read chunk
+LONG_DIR = "ds/" + "d" * 90 + "/" + "e" * 60  # > 100 chars: prefix, GNU 'L' or pax path
+DIFF_FILES = {
+    "ds/a.txt": b"alpha\n", "ds/empty": b"", "ds/block": b"b" * 512, "ds/block_plus": b"c" * 513,
+    "ds/sub/deep/nested.bin": BLOB, "ds/big.bin": BIG, f"{LONG_DIR}/f.txt": b"long dir\n",
+    "ds/caf\u00e9/\u00fcber-\u732b.txt": b"non-ascii\n",
+}
+DIFF_DIRS = ["ds", "ds/sub", "ds/sub/deep", LONG_DIR]
+
+
+def _tarfile_members(archive: Path) -> list[Member]:
+    """What Python's tarfile reads: the reference the reader is compared against."""
+    out = []
+    with tarfile.open(archive, "r:*") as tf:
+        for ti in tf:
+            if ti.isreg():
+                body = tf.extractfile(ti).read()
+                out.append(Member(_normalise(ti.name), ti.size, hashlib.sha256(body).hexdigest()))
+    return sorted(out, key=lambda m: m.path)
+
+
+def _packed_members(archive: Path, folder: Path) -> list[Member]:
+    folder.mkdir()
+    packed = pack(archive, folder)
+    blob = (folder / PACK_BLOB).read_bytes()
+    rows = read_index((folder / INDEX).read_bytes()).to_pylist()
+    got = [Member(r["path"], r["size"], hashlib.sha256(blob[r["offset"]:r["offset"] + r["size"]]).hexdigest())
+           for r in rows]
+    assert [m.sha256 for m in got] == [r["sha256"] for r in rows]
+    assert packed.files == len(rows) and packed.bytes == len(blob)
+    return sorted(got, key=lambda m: m.path)
+
+
+def _same_as_tarfile(tmp_path: Path, archive: Path) -> list[Member]:
+    expected = _tarfile_members(archive)
+    assert _packed_members(archive, tmp_path / "packed") == expected
+    assert extract(archive, tmp_path / "extracted") == expected
+    return expected
+
+
+@pytest.mark.parametrize("mode", ["w", "w:gz"])
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT],
+                         ids=["gnu", "pax", "ustar"])
+def test_reader_matches_tarfile(tmp_path: Path, fmt: int, mode: str) -> None:
+    archive = tmp_path / "in.bin"
+    with tarfile.open(archive, mode, format=fmt) as tf:
+        for d in DIFF_DIRS:
+            tf.addfile(tinfo(d)[0])
+        for name, body in DIFF_FILES.items():
+            ti, _ = tinfo(name, body)
+            tf.addfile(ti, io.BytesIO(body))
+    expected = _same_as_tarfile(tmp_path, archive)
+    assert expected == [Member(n, len(b), hashlib.sha256(b).hexdigest()) for n, b in sorted(DIFF_FILES.items())]
+
+
+def test_reader_matches_tarfile_on_mnist_tiny(tmp_path: Path) -> None:
+    assert len(_same_as_tarfile(tmp_path, MNIST_TINY)) > 1400
+
+
+def _header(name: bytes, size: int = 0, flag: bytes = b"0", *, magic: bytes = b"ustar\x0000",
+            size_field: bytes | None = None, prefix: bytes = b"", signed: bool = False) -> bytes:
+    """One tar header block, built by hand so any field can be wrong on purpose."""
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"0000644\0"
+    h[108:124] = b"0000000\0" * 2
+    h[124:136] = b"%011o\0" % size if size_field is None else size_field
+    h[136:148] = b"%011o\0" % 1_600_000_000
+    h[156:157] = flag
+    h[257:257 + len(magic)] = magic
+    h[345:345 + len(prefix)] = prefix
+    h[148:156] = b" " * 8
+    total = sum(struct.unpack("512b", bytes(h))) if signed else sum(h)
+    h[148:156] = b"%06o\0 " % total
+    return bytes(h)
+
+
+def _entry(name: bytes, data: bytes = b"", flag: bytes = b"0", **kw) -> bytes:
+    return _header(name, len(data), flag, **kw) + data + bytes(-len(data) % 512)
+
+
+def _pax_records(**records: str) -> bytes:
+    out = b""
+    for key, value in records.items():
+        body = f" {key}={value}\n".encode()
+        n = len(body) + 1
+        while len(str(n)) + len(body) != n:  # the length counts its own digits
+            n += 1
+        out += str(n).encode() + body
+    return out
+
+
+def _raw_tar(tmp_path: Path, *entries: bytes, end: bytes = bytes(1024), gz: bool = False) -> Path:
+    path = tmp_path / ("in.tgz" if gz else "in.tar")
+    body = b"".join(entries) + end
+    path.write_bytes(gzip.compress(body, mtime=0) if gz else body)
+    return path
+
+
+def test_pax_record_helper_lengths() -> None:
+    for n in (1, 5, 95, 96, 97, 994, 995, 996):
+        assert _pax(_pax_records(path="a" * n, size="7")) == {"path": "a" * n, "size": "7"}
+
+
+def test_old_formats_match_tarfile(tmp_path: Path) -> None:
+    # V7 (no magic, a directory as a regular entry ending in "/"), a ustar prefix, a signed
+    # checksum, a GNU base-256 size, a GNU long name and pax records tarfile ignores.
+    gnu = b"ustar  \0"
+    archive = _raw_tar(
+        tmp_path,
+        _entry(b"v7/", flag=b"\0", magic=b""), _entry(b"v7/old.txt", b"v7 data", flag=b"\0", magic=b""),
+        _entry(b"name.txt", b"prefixed", prefix=b"pre/fix"),
+        _entry("ds/sign\u00e9.txt".encode(), b"signed sum", signed=True),
+        _header(b"ds/b256", size_field=b"\x80" + (5).to_bytes(11, "big")) + b"12345" + bytes(507),
+        _entry(b"././@LongLink", b"ds/" + b"L" * 150 + b"\0", flag=b"L", magic=gnu),
+        _entry(b"ds/" + b"L" * 97, b"gnu long", magic=gnu),
+        _entry(b"PaxHeader", _pax_records(mtime="1.5", uid="7", uname="x", hdrcharset="BINARY"), flag=b"x"),
+        _entry(b"ds/pax_ignored.txt", b"pax"),
+        _entry(b"contig.bin", b"type 7", flag=b"7"),
+    )
+    members = _same_as_tarfile(tmp_path, archive)
+    assert [m.path for m in members] == sorted(["v7/old.txt", "pre/fix/name.txt", "ds/sign\u00e9.txt", "ds/b256",
+                                                "ds/" + "L" * 150, "ds/pax_ignored.txt", "contig.bin"])
+
+
+def test_pax_path_and_size_override_the_header(tmp_path: Path) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"PaxHeader", _pax_records(path="ds/real.txt/", size="4"), flag=b"x"),
+                       _header(b"ds/fake.txt", 999) + b"data" + bytes(508))
+    assert _same_as_tarfile(tmp_path, archive) == [Member("ds/real.txt", 4, hashlib.sha256(b"data").hexdigest())]
+
+
+def test_single_zero_block_end_marker_is_accepted_like_tarfile(tmp_path: Path) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"ds/a.txt", b"x"), end=bytes(512))
+    assert [m.path for m in _same_as_tarfile(tmp_path, archive)] == ["ds/a.txt"]
+
+
+def test_global_pax_comment_is_ignored(tmp_path: Path) -> None:
+    # git archive writes one: "comment=<commit id>"
+    archive = _raw_tar(tmp_path, _entry(b"pax_global_header", _pax_records(comment="ab" * 20), flag=b"g"),
+                       _entry(b"ds/a.txt", b"x"))
+    assert [m.path for m in _same_as_tarfile(tmp_path, archive)] == ["ds/a.txt"]
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    (b"00000000644\0", 0o644), (b"     644 \0\0\0", 0o644), (b"644\0garbage!", 0o644), (b"\0" * 12, 0),
+    (b" " * 12, 0), (b"\x80" + (2**80).to_bytes(11, "big"), 2**80), (b"0000000\0", 0)])
+def test_number_parses_octal_and_base256(field: bytes, value: int) -> None:
+    assert _number(field) == value
+
+
+@pytest.mark.parametrize("field", [b"\xff" * 12, b"\xff" + bytes(11), b"+0000000644\0", b"-0000000644\0",
+                                   b"0o644\0\0\0\0\0\0\0", b"6_44\0\0\0\0\0\0\0\0", b"00000000649\0",
+                                   b"0000 644\0\0\0\0", b"\x81" + bytes(11), b"12\xc2\xb2\0\0\0\0\0\0\0\0"])
+def test_number_rejects(field: bytes) -> None:
+    with pytest.raises(ValueError):
+        _number(field)
+
+
+@pytest.mark.parametrize("data", [b"99 path=x\n", b"4 path=x\n", b"11 path=x\n", b"9 path=x ", b"8 pathx\n",
+                                  b"5 =x\n", b"x path=x\n", b"9 path=x\nfoo", b"9 path=x\n\0\0x", b" 9 path=x\n",
+                                  b"00000000000000000000009 path=x\n"])
+def test_pax_rejects_malformed_records(data: bytes) -> None:
+    with pytest.raises(ValueError):
+        _pax(data)
+
+
+def test_pax_accepts_nul_padding_and_empty_values() -> None:
+    assert _pax(b"9 path=x\n6 a=b\n5 c=\n" + bytes(20)) == {"path": "x", "a": "b", "c": ""}
+    assert _pax("14 path=\u732b.x\n".encode()) == {"path": "\u732b.x"}
+
+
+def _second_header_flipped(tmp_path: Path, at: int) -> Path:
+    body = bytearray(_entry(b"ds/a.txt", b"x") + _entry(b"ds/b.txt", b"y") + bytes(1024))
+    body[1024 + at] ^= 0x01
+    return _raw_tar(tmp_path, bytes(body), end=b"")
+
+
+@pytest.mark.parametrize("at", [0, 100, 124, 148, 156, 257, 345, 511])
+def test_bad_header_checksum_is_refused(tmp_path: Path, sentinel: Path, at: int) -> None:
+    assert_refused(tmp_path, _second_header_flipped(tmp_path, at),
+                   "corrupt or truncated archive: bad header checksum at offset 1024")
+
+
+def test_bad_first_header_checksum_in_a_tgz_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    body = bytearray(_entry(b"ds/a.txt", b"x"))
+    body[0] ^= 0x01
+    err = assert_refused(tmp_path, _raw_tar(tmp_path, bytes(body), gz=True), "bad header checksum at offset 0")
+    assert str(tmp_path / "in.tgz") in str(err)
+
+
+@pytest.mark.parametrize(("cut", "match"), [(1024 + 100, "header at offset 1024 is cut short"),
+                                            (512 + 100, "'ds/a.txt' is cut short"),  # in the padding
+                                            (512 + 1, "'ds/a.txt' is cut short"),
+                                            (512, "'ds/a.txt' is cut short"),  # no data at all
+                                            (100, "not a tar"), (2048 + 100, "end-of-archive marker"),
+                                            (2048 + 512, None)])
+@pytest.mark.parametrize("gz", [False, True], ids=["tar", "tgz"])
+def test_truncation_anywhere_is_refused(tmp_path: Path, sentinel: Path, cut: int, match: str | None,
+                                        gz: bool) -> None:
+    body = (_entry(b"ds/a.txt", b"x") + _entry(b"ds/b.txt", b"y") + bytes(1024))[:cut]
+    archive = _raw_tar(tmp_path, body, end=b"", gz=gz)
+    if match is None:  # one whole zero block: tarfile accepts it, so do we
+        assert [m.path for m in extract(archive, tmp_path / "out")] == ["ds/a.txt", "ds/b.txt"]
+    elif gz and match == "not a tar":  # sniffed as gzip: the tar inside is a cut header
+        assert_refused(tmp_path, archive, "corrupt or truncated archive: header at offset 0 is cut short")
+    else:
+        assert_refused(tmp_path, archive, match)
+
+
+def test_big_member_cut_short_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    archive = _raw_tar(tmp_path, (_header(b"ds/big", len(BIG)) + BIG)[: 512 + len(BIG) - 1], end=b"", gz=True)
+    assert_refused(tmp_path, archive, "'ds/big' is cut short")
+
+
+def test_zero_block_then_data_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"ds/a.txt", b"x"), end=bytes(512) + _entry(b"ds/hidden", b"y") + bytes(1024))
+    assert_refused(tmp_path, archive, "end-of-archive marker")
+
+
+PAX_HOSTILE = {
+    "bad_length": (_entry(b"PaxHeader", b"99 path=ds/x\n", flag=b"x"), "pax header at offset 0.*bad length"),
+    "no_equals": (_entry(b"PaxHeader", b"12 pathds/x\n", flag=b"x"), "pax header at offset 0.*malformed"),
+    "bad_size": (_entry(b"PaxHeader", _pax_records(size="-5"), flag=b"x"), "invalid size '-5'"),
+    "size_word": (_entry(b"PaxHeader", _pax_records(size="ten"), flag=b"x"), "invalid size 'ten'"),
+    "dotdot_path": (_entry(b"PaxHeader", _pax_records(path="ds/../../evil"), flag=b"x"),
+                    "'ds/\\.\\./\\.\\./evil'.*'\\.\\.' component"),
+    "absolute_path": (_entry(b"PaxHeader", _pax_records(path="/etc/evil"), flag=b"x"), "absolute path"),
+    "empty_path": (_entry(b"PaxHeader", _pax_records(path=""), flag=b"x"), "empty name"),
+    "nul_in_path": (_entry(b"PaxHeader", _pax_records(path="ds/a\0b"), flag=b"x"), "NUL byte"),
+    "sparse": (_entry(b"PaxHeader", _pax_records(**{"GNU.sparse.major": "1", "GNU.sparse.minor": "0"}),
+                      flag=b"x"), "sparse files are not allowed"),
+    "global_path": (_entry(b"pax_global_header", _pax_records(path="ds/x"), flag=b"g"),
+                    "global pax header at offset 0 sets 'path'"),
+    "global_size": (_entry(b"pax_global_header", _pax_records(size="1"), flag=b"g"), "sets 'size'"),
+    "gnu_dotdot": (_entry(b"././@LongLink", b"../" * 40 + b"evil\0", flag=b"L", magic=b"ustar  \0"),
+                   "'\\.\\.' component"),
+    "huge_ext": (_header(b"PaxHeader", 2 << 20, b"x"), "extended header at offset 0 declares 2097152 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", PAX_HOSTILE)
+def test_hostile_extended_headers_are_refused(tmp_path: Path, sentinel: Path, case: str) -> None:
+    ext, match = PAX_HOSTILE[case]
+    assert_refused(tmp_path, _raw_tar(tmp_path, ext, _entry(b"ds/a.txt", b"x"), gz=True), match)
+
+
+def test_pax_size_past_the_data_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"PaxHeader", _pax_records(size="100000"), flag=b"x"),
+                       _entry(b"ds/a.txt", b"x" * 10), gz=True)
+    assert_refused(tmp_path, archive, "'ds/a.txt' is cut short")
+
+
+def test_extended_header_with_no_member_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"ds/a.txt", b"x"), _entry(b"PaxHeader", _pax_records(path="ds/b"), flag=b"x"))
+    assert_refused(tmp_path, archive, "extended header at offset 1024 is not followed by a member")
+
+
+def test_negative_base256_size_is_refused(tmp_path: Path, sentinel: Path) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"ds/a.txt", b"x"), _header(b"ds/neg", size_field=b"\xff" * 12))
+    assert_refused(tmp_path, archive, "header at offset 1024: invalid size")
+
+
+def test_huge_base256_size_hits_the_member_cap(tmp_path: Path, sentinel: Path) -> None:
+    archive = _raw_tar(tmp_path, _header(b"ds/huge", size_field=b"\x80" + (2**80).to_bytes(11, "big")))
+    assert_refused(tmp_path, archive, "'ds/huge'.*member cap")
+
+
+@pytest.mark.parametrize(("flag", "kind"), [(b"1", "hardlinks"), (b"2", "symlinks"), (b"3", "character devices"),
+                                            (b"4", "block devices"), (b"6", "FIFOs"), (b"S", "sparse files"),
+                                            (b"V", "entries of type b'V's"), (b"D", "entries of type b'D's")])
+@pytest.mark.parametrize("magic", [b"ustar\x0000", b"ustar  \0", b""], ids=["ustar", "gnu", "v7"])
+def test_special_entries_are_refused_in_every_format(tmp_path: Path, sentinel: Path, flag: bytes, kind: str,
+                                                     magic: bytes) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"ds/a.txt", b"x", magic=magic), _entry(b"ds/special", flag=flag, magic=magic))
+    assert_refused(tmp_path, archive, f"'ds/special'.*{kind} are not allowed")
+
+
+def test_many_global_headers_hit_the_byte_budget(tmp_path: Path, sentinel: Path) -> None:
+    g = _entry(b"pax_global_header", _pax_records(comment="x"), flag=b"g")
+    archive = _raw_tar(tmp_path, g * 2048, _entry(b"ds/a.txt", b"x"), gz=True)
+    assert_refused(tmp_path, archive, "decompresses to more than its members declare")
+
+
+def test_non_utf8_name_is_kept_as_tarfile_decodes_it(tmp_path: Path) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"ds/\xff.bin", b"abc"))
+    expected = _tarfile_members(archive)
+    assert [m.path for m in expected] == ["ds/\udcff.bin"]
+    assert extract(archive, tmp_path / "out") == expected
+
+
+def test_gnu_header_times_are_not_a_name_prefix(tmp_path: Path) -> None:
+    # GNU headers keep atime/ctime where ustar keeps its prefix; tarfile would read
+    # "14712345670/ds/f.txt" here.
+    archive = _raw_tar(tmp_path, _entry(b"ds/f.txt", b"1", magic=b"ustar  \0", prefix=b"14712345670\x00" * 2))
+    assert [m.path for m in extract(archive, tmp_path / "out")] == ["ds/f.txt"]
+
+
+def test_pack_refuses_a_name_that_is_not_utf8(tmp_path: Path) -> None:
+    """extract() can write any bytes as a file name; the packed index holds UTF-8 text only."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        info = tarfile.TarInfo("ds/caf\xe9.png")
+        info.size = 3
+        tf.addfile(info, io.BytesIO(b"abc"))
+    archive = tmp_path / "latin1.tar"
+    archive.write_bytes(buf.getvalue())
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ArchiveError, match=r"latin1\.tar: member .*name is not valid UTF-8"):
+        pack(str(archive), tmp_path / "out")
