@@ -68,6 +68,7 @@ def w_steps(p: dict) -> dict:
     from tasks.report import write_report
     from tasks.templates import compute_templates
     from tasks.untar import untar_archive
+    import torch  # noqa: F401 - imported before timing, as A imports it before its clock starts
     root, st = p["root"], {}
 
     def step(name, fn, *a, **k):

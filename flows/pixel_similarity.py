@@ -170,7 +170,7 @@ def pixel_similarity(dataset: str = "mnist_sample", source: str | SecretStr | No
     entries, folders = tree_listing(Root(root), tree)
     layout = find_layout(list(entries), folders=folders, train_split=train_split,
                          valid_split=valid_split, classes=classes)
-    plan = plan_shards(tree, layout.to_dict(), dataset, root, shard_size, channels, resize)
+    plan = plan_shards(tree, layout.to_dict(), dataset, root, shard_size, channels, resize, entries)
     done = run.map(convert, [(p,) for p in plan["plans"]], [p["name"] for p in plan["plans"]], tree=tree,
                    classes=plan["classes"], shape=plan["shape"], root=root, channels=channels, resize=bool(resize),
                    skip_bad=skip_bad > 0, on_done=ConvertProgress(dataset))

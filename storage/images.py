@@ -206,17 +206,6 @@ def decode_members(items: list[tuple[str, str, bytes]], *, channels: int = 1,
     return images, kept, errors
 
 
-def decode_batch(names: list[str], digests: list[str], blob: bytes, ends: list[int], *, channels: int = 1,
-                 size: tuple[int, int], resize: bool = False) -> tuple[np.ndarray, list[int], list[str]]:
-    """`decode_members` over files laid end to end in one buffer, returning one stacked array:
-    a process pool then pickles a few large objects per batch instead of two per image."""
-    starts = [0, *ends[:-1]]
-    items = [(n, d, blob[a:b]) for n, d, a, b in zip(names, digests, starts, ends)]
-    images, kept, errors = decode_members(items, channels=channels, size=size, resize=resize)
-    shape = (*size, 3) if channels == 3 else tuple(size)
-    return (np.stack(images) if images else np.zeros((0, *shape), np.uint8)), kept, errors
-
-
 def encode_png(array: np.ndarray) -> bytes:
     """PNG bytes for a uint8 (H, W) or (H, W, 3) array, e.g. template images."""
     if array.dtype != np.uint8 or not (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):

@@ -17,7 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.errors import IntegrityError
-from storage.root import Root
+from storage.images import decode_members
+from storage.root import Root, sha256_file
 
 META_KEY = b"pixelsim"
 
@@ -53,6 +54,31 @@ def write_shard(path: str, meta: ShardMeta, paths: list[str], labels: np.ndarray
         "image": image_col,
     }).replace_schema_metadata({META_KEY: json.dumps(meta.to_dict()).encode()})
     pq.write_table(table, path, compression="zstd", row_group_size=max(n, 1))
+
+
+def build_shard(root: str, blob: str, files: list[list], dest: str, meta: ShardMeta, *,
+                channels: int = 1, resize: bool = False, skip_bad: bool = False) -> dict:
+    """Read one shard's members ([path, label, sha256, size, offset]) from the `blob` file,
+    check each against its digest, decode them and write the shard to `dest` (a part path).
+
+    The whole shard is one call with small arguments, so a process pool worker can do all of
+    it (reads, hashing, decoding, Parquet) while importing only `storage`. With bad files and
+    not `skip_bad` nothing is written: {"errors": [...]} tells the caller.
+    """
+    r = Root(root)
+    datas = r.read_ranges(blob, [(f[4], f[3]) for f in files])
+    images, good, errors = decode_members([(f[0], f[2], d) for f, d in zip(files, datas)],
+                                          channels=channels, size=tuple(meta.shape[:2]), resize=resize)
+    if errors and not skip_bad:
+        return {"errors": errors}
+    kept = [files[i] for i in good]
+    pixels = np.stack(images) if images else np.zeros((0, *meta.shape), np.uint8)
+    labels = np.array([f[1] for f in kept], dtype=np.int64)
+    with r.staged_file(dest) as tmp:
+        write_shard(tmp, meta, [f[0] for f in kept], labels, pixels)
+        digest, size = sha256_file(tmp)
+    return {"sha256": digest, "bytes": size, "rows": len(kept), "errors": errors,
+            "counts": np.bincount(labels, minlength=len(meta.classes)).tolist()}
 
 
 def read_meta(root: Root, rel: str) -> dict:

@@ -5,20 +5,20 @@ parallel on any task runner, cache one by one, and a lost shard is rebuilt alone
 """
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import posixpath
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from storage.archive import BLOB, INDEX, read_index
 from storage.errors import ImageError, LayoutError
-from storage.images import decode_batch, decode_members, peek_size
+from storage.images import decode_members, peek_size
 from storage.layout import Layout, split_files
-from storage.root import MANIFEST, Root, digest_json, part_of, publish_parts, sha256_file
-from storage.shards import ShardMeta, shard_name, write_shard
+from storage.root import MANIFEST, Root, digest_json, part_of, publish_parts
+from storage.shards import ShardMeta, build_shard, shard_name
 from tasks import pool
 from tasks.caching import step
 
@@ -27,7 +27,6 @@ SPLITS = ("train", "valid")
 MAX_LISTED = 20
 # Below this many files a process pool's start (about 0.3 s) costs more than its cores save.
 POOL_MIN_IMAGES = 50_000
-MIN_BATCH = 500
 
 
 def tree_listing(root: Root, tree: dict) -> tuple[dict[str, tuple[int, int, str]], list[str]]:
@@ -70,30 +69,6 @@ def read_image(data: bytes, entry: list, *, channels: int, size: tuple[int, int]
     return images[0]
 
 
-def decode_all(items: list[tuple[str, str, bytes]], *, channels: int, size: tuple[int, int], resize: bool,
-               parallel: bool) -> tuple[np.ndarray, list[int], list[str]]:
-    """Decode checked members into one (n, H, W[, C]) array: in batches over the shared process
-    pool, or here when the work is too small to pay for one."""
-    ex = pool.pool() if parallel else None
-    batch = max(MIN_BATCH, math.ceil(len(items) / (2 * pool.workers()))) if ex else len(items) or 1
-    args, ends = [], []
-    for i in range(0, len(items), batch):
-        chunk = items[i:i + batch]
-        ends = list(itertools.accumulate(len(x[2]) for x in chunk))
-        args.append(([x[0] for x in chunk], [x[1] for x in chunk], b"".join(x[2] for x in chunk), ends))
-    kw = {"channels": channels, "size": size, "resize": resize}
-    results = ([ex.submit(decode_batch, *a, **kw) for a in args] if ex and len(args) > 1 else
-               [decode_batch(*a, **kw) for a in args])
-    arrays, good, errors = [], [], []
-    for start, r in zip(range(0, len(items), batch), results):
-        arr, ok, err = r.result() if ex and len(args) > 1 else r
-        arrays.append(arr)
-        good += [start + i for i in ok]
-        errors += err
-    shape = (*size, 3) if channels == 3 else tuple(size)
-    return (np.concatenate(arrays) if arrays else np.zeros((0, *shape), np.uint8)), good, errors
-
-
 def pack_entries(entries: list[list]) -> str:
     """A shard's file list as one JSON string: Prefect walks every item of a nested task argument
     (1.4 s per run for 14k files), never the inside of a string."""
@@ -101,15 +76,17 @@ def pack_entries(entries: list[list]) -> str:
 
 
 def plan_shards(tree: dict, layout: dict, dataset: str, root: str, shard_size: int = 5000,
-                channels: int = 1, resize: list[int] | None = None) -> dict:
+                channels: int = 1, resize: list[int] | None = None,
+                entries: dict[str, tuple[int, int, str]] | None = None) -> dict:
     """Split both splits' files into shards; fix the image shape from the first training image.
 
-    Returns {"dir", "shape", "counts", "plans"}; each plan lists its files with their digests (a JSON string, see pack_entries)
-    so a shard task's cache key changes exactly when its own inputs do.
+    Returns {"dir", "shape", "counts", "plans"}; each plan lists its files with their digests
+    (a JSON string, see pack_entries) so a shard task's cache key changes exactly when its own
+    inputs do. `entries` is `tree_entries` when the caller has already read it.
     """
     r = Root(root)
     lay = Layout(**layout)
-    entries = tree_entries(r, tree)
+    entries = entries if entries is not None else tree_entries(r, tree)
     rel = f"shards/{dataset}/{digest_json([tree['digest'], layout, shard_size, channels, resize, VERSION])[:16]}"
     plans, counts, train = [], {}, []
     parallel = len(entries) >= POOL_MIN_IMAGES
@@ -134,28 +111,22 @@ def plan_shards(tree: dict, layout: dict, dataset: str, root: str, shard_size: i
 
 def convert_shard(plan: dict, tree: dict, classes: list[str], shape: list[int], root: str,
                   channels: int = 1, resize: bool = False, skip_bad: bool = False) -> dict:
-    """Decode one shard's files and publish its Parquet file.
+    """Decode one shard's files and publish its Parquet file, on the shared process pool when
+    the dataset is large enough to pay for it.
 
     Every bad file is listed; with `skip_bad` they are left out (never zero-filled) and
     returned, so the flow can hold the whole run to its --skip-bad budget.
     """
-    r = Root(root)
-    files = json.loads(plan["files"])
-    items = [(f[0], f[2], data) for f, data in zip(files, read_members(r, tree, files))]
-    pixels, good, errors = decode_all(items, channels=channels, size=tuple(shape[:2]), resize=resize,
-                                      parallel=plan.get("parallel", False))
-    kept = [files[i] for i in good]
-    if errors and not skip_bad:
-        raise BadImages(errors)
     meta = ShardMeta(shape=tuple(shape), classes=classes, split=plan["folder"],
                      source_sha256=tree.get("archive_sha256", ""))
-    labels = np.array([f[1] for f in kept], dtype=np.int64)
-    with r.staged_file(part_of(plan["file"])) as tmp:
-        write_shard(tmp, meta, [f[0] for f in kept], labels, pixels)
-        digest, size = sha256_file(tmp)
-    return {"root": root, "file": plan["file"], "sha256": digest, "bytes": size, "rows": len(kept),
-            "split": plan["split"], "skipped": errors,
-            "counts": {c: int((labels == i).sum()) for i, c in enumerate(classes)}}
+    args = (root, posixpath.join(tree["dir"], BLOB), json.loads(plan["files"]), part_of(plan["file"]), meta)
+    kw = {"channels": channels, "resize": resize, "skip_bad": skip_bad}
+    ex = pool.pool() if plan.get("parallel") else None
+    out = ex.submit(build_shard, *args, **kw).result() if ex else build_shard(*args, **kw)
+    if out["errors"] and not skip_bad:
+        raise BadImages(out["errors"])
+    return {"root": root, "file": plan["file"], "sha256": out["sha256"], "bytes": out["bytes"], "rows": out["rows"],
+            "split": plan["split"], "skipped": out["errors"], "counts": dict(zip(classes, out["counts"]))}
 
 
 class BadImages(ImageError):
@@ -189,12 +160,13 @@ def finish_shards(plan: dict, results: list[dict], root: str, skip_bad: int = 0)
 
 def convert_tree(tree: dict, layout: dict, dataset: str, root: str, shard_size: int = 5000,
                  channels: int = 1, resize: list[int] | None = None, skip_bad: int = 0) -> dict:
-    """All shards without Prefect (benchmarks, scripts), one after another; large datasets still
-    decode on every core through the shared pool."""
+    """All shards without Prefect (benchmarks, scripts), a thread per core like the flow's
+    default runner; large datasets are then built on every core by the shared pool."""
     plan = plan_shards(tree, layout, dataset, root, shard_size, channels, resize)
     args = [(p, tree, plan["classes"], plan["shape"], root, channels, bool(resize), skip_bad > 0)
             for p in plan["plans"]]
-    outcomes = [_outcome(lambda a=a: convert_shard(*a)) for a in args]
+    with ThreadPoolExecutor(max(1, pool.workers())) as threads:  # as the flow's thread runner does
+        outcomes = list(threads.map(lambda a: _outcome(lambda: convert_shard(*a)), args))
     errors = [e for o in outcomes if isinstance(o, BadImages) for e in o.errors]
     if errors:
         raise BadImages(errors)

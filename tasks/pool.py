@@ -1,7 +1,8 @@
-"""A process pool for decoding, shared by the convert tasks of one process.
+"""A process pool for building shards, shared by the convert tasks of one process.
 
 The thread task runner keeps Prefect in one process, where decoding holds the GIL; this pool
-spreads the decoding over every core without starting Prefect (or torch) in the workers.
+spreads whole shards (reads, checks, decoding, Parquet) over every core without starting
+Prefect (or torch) in the workers.
 """
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def pool() -> Executor | None:
     with _lock:
         if _pool is None and (n := workers()):
             # forkserver: no fork of a process running Prefect's threads; workers preload only
-            # the decoder's imports (numpy, Pillow, pyspng), about 0.3 s once.
+            # storage (numpy, pyarrow, Pillow, pyspng), about 0.5 s once.
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["storage.images"])
+            ctx.set_forkserver_preload(["storage.shards"])
             _pool = ProcessPoolExecutor(n, mp_context=ctx)
         return _pool
 

@@ -1,17 +1,17 @@
-"""Convert's decoding: the shared process pool must give exactly what in-process decoding gives."""
+"""Convert's shard building: the shared process pool must give exactly what one process gives."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 from conftest import TINY, plain_pipeline
 from storage.root import Root
+from storage.shards import ShardMeta, build_shard, iter_arrays
 from tasks import convert, pool
-from tasks.convert import decode_all, read_members, tree_entries
+from tasks.convert import tree_entries
 
 
 @pytest.fixture(scope="module")
@@ -21,38 +21,38 @@ def tiny(tmp_path_factory):
     return root, out["tree"]
 
 
-def members(root: str, tree: dict, n: int = 60) -> list[tuple[str, str, bytes]]:
-    entries = sorted(e for e in tree_entries(Root(root), tree).items() if e[0].endswith(".png"))[:n]
-    files = [[p, 0, sha, size, off] for p, (off, size, sha) in entries]
-    return [(f[0], f[2], d) for f, d in zip(files, read_members(Root(root), tree, files))]
+def entries(root: str, tree: dict, n: int = 60) -> list[list]:
+    """Plan entries [path, label, sha256, size, offset] of the first n PNGs."""
+    found = sorted(e for e in tree_entries(Root(root), tree).items() if e[0].endswith(".png"))[:n]
+    return [[p, i % 2, sha, size, off] for i, (p, (off, size, sha)) in enumerate(found)]
 
 
-def test_pool_decodes_exactly_what_one_process_decodes(tiny, monkeypatch):
+def test_pool_builds_exactly_what_one_process_builds(tiny, monkeypatch):
     root, tree = tiny
-    items = members(root, tree)
-    items[7] = (items[7][0], items[7][1], items[7][2][:-9] + b"\0" * 9)  # altered after unpacking
-    items[30] = (items[30][0], "0" * 64, items[30][2])                   # digest mismatch
+    files = entries(root, tree)
+    files[7][2] = files[30][2] = "0" * 64  # bytes that no longer match their digest
+    meta = ShardMeta(shape=(28, 28), classes=["a", "b"], split="train", source_sha256="")
+    blob = f"{tree['dir']}/members.bin"
+    here = build_shard(root, blob, files, "out/here.parquet", meta, skip_bad=True)
     monkeypatch.setenv(pool.ENV, "2")
-    monkeypatch.setattr(convert, "MIN_BATCH", 7)
     try:
-        here = decode_all(items, channels=1, size=(28, 28), resize=False, parallel=False)
-        spread = decode_all(items, channels=1, size=(28, 28), resize=False, parallel=True)
-        assert pool._pool is not None  # the pool really ran
+        spread = pool.pool().submit(build_shard, root, blob, files, "out/spread.parquet", meta, skip_bad=True).result()
+        refused = pool.pool().submit(build_shard, root, blob, files, "out/refused.parquet", meta).result()
     finally:
         pool.shutdown()
-    assert here[0].shape == (58, 28, 28) and here[0].dtype == np.uint8
-    assert np.array_equal(here[0], spread[0])
-    assert here[1] == spread[1] == [i for i in range(60) if i not in (7, 30)]
-    assert here[2] == spread[2] and len(here[2]) == 2
-    assert all("changed since extraction" in e for e in here[2])
-    assert items[7][0] in here[2][0] and items[30][0] in here[2][1]
+    assert here == spread and here["rows"] == 58 and here["counts"] == [29, 29]
+    assert [e.split(":")[0] for e in here["errors"]] == [files[7][0], files[30][0]]
+    assert all("changed since extraction" in e for e in here["errors"])
+    assert refused == {"errors": here["errors"]} and not (Path(root) / "out/refused.parquet").exists()
+    (batch,) = iter_arrays(Root(root), ["out/spread.parquet"], ("path", "label_index", "image"))
+    assert batch["path"] == [f[0] for i, f in enumerate(files) if i not in (7, 30)]
+    assert batch["image"].shape == (58, 784)
 
 
 def test_a_run_through_the_pool_writes_the_same_shards(tmp_path, monkeypatch):
     plain = plain_pipeline(str(tmp_path / "plain"))
     monkeypatch.setenv(pool.ENV, "2")
     monkeypatch.setattr(convert, "POOL_MIN_IMAGES", 1)
-    monkeypatch.setattr(convert, "MIN_BATCH", 50)
     try:
         pooled = plain_pipeline(str(tmp_path / "pooled"))
     finally:
