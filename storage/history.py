@@ -9,11 +9,13 @@ globs skip, then renamed into place.
 from __future__ import annotations
 
 import io
+import json
 import posixpath
 import uuid
 from datetime import datetime, timezone
 
 import pyarrow as pa
+import pyarrow.json as pj
 import pyarrow.parquet as pq
 
 from storage.root import Root
@@ -56,13 +58,22 @@ def file_name(run_id: str, started: datetime) -> str:
     return f"{stamp}-{run_id}.parquet"
 
 
+def rows_table(rows: list[dict]) -> pa.Table:
+    """The rows as a table, through Arrow's JSON reader: building arrays from Python objects makes
+    pyarrow import pandas, 0.6 s of a fully cached run that needs nothing else from it."""
+    lines = (json.dumps({**r, "time": r["time"].astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")})
+             for r in rows)
+    options = pj.ParseOptions(explicit_schema=SCHEMA, unexpected_field_behavior="error")
+    return pj.read_json(io.BytesIO("\n".join(lines).encode()), parse_options=options)
+
+
 def append_run(root: Root, rows: list[dict]) -> str:
     """Publish the run's history file; returns its path relative to the root."""
     if not rows:
         raise ValueError("a run has at least one metric row")
     rel = posixpath.join(HISTORY, file_name(rows[0]["run_id"], rows[0]["time"]))
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), buf, compression="zstd")
+    pq.write_table(rows_table(rows), buf, compression="zstd")
     full, tmp = root.path(rel), root.path(posixpath.join(HISTORY, f"_tmp-{uuid.uuid4().hex}"))
     root.fs.makedirs(root.path(HISTORY), exist_ok=True)
     try:

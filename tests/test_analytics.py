@@ -166,3 +166,20 @@ def test_concurrent_appends_lose_nothing_and_readers_skip_unfinished_files(tmp_p
     assert row["per_class"] == [{"class": "a", "accuracy": 0.5}, {"class": "b", "accuracy": None}]
     assert row["overall"] == 0.07 and row["headline"] and row["total_seconds"] == 3.0
     assert read_history(Root(str(tmp_path / "empty"))).num_rows == 0
+
+
+def test_history_rows_table_equals_pyarrow_from_python_objects():
+    """rows_table goes through Arrow's JSON reader (no pandas import); it must build the same table."""
+    import pyarrow as pa
+
+    from storage.history import SCHEMA, rows_table
+    plus2 = timezone(timedelta(hours=2))
+    rows = [{"run_id": "r-1", "time": datetime(2026, 11, 29, 10, 56, 32, 123456, tzinfo=plus2), "dataset": "dígits",
+             "source_url": None, "source_sha256": "ab" * 32, "metric": m, "headline": m == "l1", "balanced": 0.5,
+             "overall": 1 / 3, "per_class": [{"class": "3", "accuracy": 0.9168316831683169},
+                                             {"class": "sept \"7\"", "accuracy": None}],
+             "steps": [{"step": "download", "seconds": 0.017, "cached": True}],
+             "total_seconds": 4.812, "report": "reports/x"} for m in ("l1", "rmse")]
+    got, want = rows_table(rows), pa.Table.from_pylist(rows, schema=SCHEMA)
+    assert got.schema == SCHEMA and got.equals(want)
+    assert got.column("time")[0].as_py() == datetime(2026, 11, 29, 8, 56, 32, 123456, tzinfo=timezone.utc)
