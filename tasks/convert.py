@@ -10,11 +10,12 @@ import math
 import posixpath
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
 from storage.archive import BLOB, INDEX, read_index
-from storage.errors import ImageError, LayoutError
+from storage.errors import ImageError, LayoutError, TransientError
 from storage.images import decode_members, peek_size
 from storage.layout import Layout, split_files
 from storage.root import MANIFEST, Root, digest_json, part_of, publish_parts
@@ -122,7 +123,11 @@ def convert_shard(plan: dict, tree: dict, classes: list[str], shape: list[int], 
     args = (root, posixpath.join(tree["dir"], BLOB), json.loads(plan["files"]), part_of(plan["file"]), meta)
     kw = {"channels": channels, "resize": resize, "skip_bad": skip_bad}
     ex = pool.pool() if plan.get("parallel") else None
-    out = ex.submit(build_shard, *args, **kw).result() if ex else build_shard(*args, **kw)
+    try:
+        out = ex.submit(build_shard, *args, **kw).result() if ex else build_shard(*args, **kw)
+    except BrokenProcessPool as e:  # a worker died (OOM killer, signal): the task retries on a new pool
+        pool.discard(ex)
+        raise TransientError(f"{plan['name']}: a shard-building worker process died ({e})") from e
     if out["errors"] and not skip_bad:
         raise BadImages(out["errors"])
     return {"root": root, "file": plan["file"], "sha256": out["sha256"], "bytes": out["bytes"], "rows": out["rows"],

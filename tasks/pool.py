@@ -49,6 +49,15 @@ def pool() -> Executor | None:
         return _pool
 
 
+def discard(broken: Executor) -> None:
+    """Forget a pool whose worker died, so the next call starts a new one."""
+    global _pool
+    with _lock:
+        if _pool is broken:
+            _pool = None
+    broken.shutdown(wait=False, cancel_futures=True)
+
+
 def shutdown() -> None:
     global _pool
     with _lock:

@@ -74,3 +74,26 @@ def test_pool_size_rules(monkeypatch):
     out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, check=True,
                          cwd=str(TINY.parent.parent.parent))
     assert out.stdout.strip() == "0"
+
+
+def test_a_dead_worker_is_a_transient_error_and_the_next_try_gets_a_new_pool(tiny, monkeypatch):
+    import os
+
+    from storage.errors import TransientError
+    from tasks.convert import convert_shard, pack_entries
+    root, tree = tiny
+    files = entries(root, tree, 20)
+    plan = {"name": "convert-train-00000", "split": "train", "folder": "train", "file": "s/train-0.parquet",
+            "files": pack_entries(files), "parallel": True}
+    monkeypatch.setenv(pool.ENV, "2")
+    try:
+        broken = pool.pool()
+        with pytest.raises(Exception):
+            broken.submit(os._exit, 3).result()  # a worker dies, as under the OOM killer
+        with pytest.raises(TransientError, match="convert-train-00000: a shard-building worker process died"):
+            convert_shard(plan, tree, ["a", "b"], [28, 28], root)
+        assert pool.pool() is not broken
+        out = convert_shard(plan, tree, ["a", "b"], [28, 28], root)  # the retry
+    finally:
+        pool.shutdown()
+    assert out["rows"] == 20 and out["counts"] == {"a": 10, "b": 10}
