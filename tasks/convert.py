@@ -165,12 +165,14 @@ def finish_shards(plan: dict, results: list[dict], root: str, skip_bad: int = 0)
 
 def convert_tree(tree: dict, layout: dict, dataset: str, root: str, shard_size: int = 5000,
                  channels: int = 1, resize: list[int] | None = None, skip_bad: int = 0) -> dict:
-    """All shards without Prefect (benchmarks, scripts), a thread per core like the flow's
-    default runner; large datasets are then built on every core by the shared pool."""
+    """All shards without Prefect (benchmarks, scripts); large datasets are built on every core
+    by the shared pool."""
     plan = plan_shards(tree, layout, dataset, root, shard_size, channels, resize)
     args = [(p, tree, plan["classes"], plan["shape"], root, channels, bool(resize), skip_bad > 0)
             for p in plan["plans"]]
-    with ThreadPoolExecutor(max(1, pool.workers())) as threads:  # as the flow's thread runner does
+    # a thread per pool worker keeps every worker busy; without the pool threads would only contend for the GIL
+    parallel = bool(plan["plans"] and plan["plans"][0].get("parallel"))
+    with ThreadPoolExecutor(max(1, pool.workers()) if parallel else 1) as threads:
         outcomes = list(threads.map(lambda a: _outcome(lambda: convert_shard(*a)), args))
     errors = [e for o in outcomes if isinstance(o, BadImages) for e in o.errors]
     if errors:
