@@ -1,6 +1,7 @@
 """Shared fixtures: one Prefect server for the whole session, loopback HTTP servers, the CLI."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
@@ -13,6 +14,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,35 +49,45 @@ def base_env(home: Path) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory) -> str:
-    """One `prefect server start` on 127.0.0.1 for every CLI test (a temporary one costs ~10 s a run)."""
-    home = tmp_path_factory.mktemp("prefect-home")
+def _healthy(url: str) -> bool:
+    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+        return r.status == 200
+
+
+@contextlib.contextmanager
+def running_prefect_server(home: Path, env: dict[str, str], ready=_healthy, timeout: float = 90) -> Iterator[str]:
+    """`prefect server start` on a free 127.0.0.1 port until `ready(api_url)`; yields the API URL, stops it after."""
     port = free_port()
-    env = base_env(home)
-    env["PREFECT_SERVER_API_PORT"] = str(port)   # the UI's API URL follows this, not --port
-    log = open(home / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+    env = {**env, "PREFECT_SERVER_API_PORT": str(port)}   # the UI's API URL follows this, not --port
+    with open(home / "server.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/api"
-    deadline = time.time() + 90
+    deadline = time.monotonic() + timeout
     while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
+        with contextlib.suppress(OSError):
+            if ready(url):
+                break
+        if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory) -> Iterator[str]:
+    """One `prefect server start` on 127.0.0.1 for every CLI test (a temporary one costs ~10 s a run)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with running_prefect_server(home, base_env(home)) as url:
+        yield url
 
 
 @dataclass

@@ -12,7 +12,6 @@ import re
 import select
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -23,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 from PIL import Image
 
-from conftest import PIXELSIM, TINY, TINY_FIGURES, assert_figures, base_env, free_port
+from conftest import PIXELSIM, TINY, TINY_FIGURES, assert_figures, base_env, running_prefect_server
 
 CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -44,27 +43,9 @@ def ui_server(prefect_server, tmp_path_factory):
         yield prefect_server
         return
     home = tmp_path_factory.mktemp("ui-prefect-home")
-    port = free_port()
-    env = {**base_env(home), "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port)}
-    with open(home / "server.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                 "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while True:
-        with contextlib.suppress(OSError):
-            if ui_settings(url)["api_url"] == url:
-                break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    env = {**base_env(home), "PREFECT_SERVER_API_HOST": "127.0.0.1"}
+    with running_prefect_server(home, env, ready=lambda url: ui_settings(url)["api_url"] == url, timeout=120) as url:
+        yield url
 
 
 @contextlib.contextmanager
