@@ -47,20 +47,25 @@ class Steps:
     def _took(self, name: str, start: float) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
+    @staticmethod
+    def _checked(state: Any, name: str, recompute: Callable[[], dict]) -> tuple[dict, bool]:
+        """(result, was a cache hit): a hit whose files fail `verify_output` is recomputed."""
+        out = state.result()
+        if state.name != "Cached":
+            return out, False
+        try:
+            verify_output(out)
+            return out, True
+        except IntegrityError as e:
+            get_run_logger().warning("%s: cached result no longer valid (%s); recomputing", name, e)
+            return recompute(), False
+
     def __call__(self, t: Any, *args: Any, **kwargs: Any) -> dict:
         start = time.perf_counter()
         if self.refresh:
             t = t.with_options(refresh_cache=True)
         state = t(*args, return_state=True, **kwargs)
-        out = state.result()
-        hit = state.name == "Cached"
-        if hit:
-            try:
-                verify_output(out)
-            except IntegrityError as e:
-                get_run_logger().warning("%s: cached result no longer valid (%s); recomputing", t.name, e)
-                out = t.with_options(refresh_cache=True)(*args, **kwargs)
-                hit = False
+        out, hit = self._checked(state, t.name, lambda: t.with_options(refresh_cache=True)(*args, **kwargs))
         self.cached[t.name] = hit
         self._took(t.name, start)
         return out
@@ -87,13 +92,7 @@ class Steps:
             if not state.is_completed():
                 failures.append(state.result(raise_on_failure=False))
                 continue
-            out, hit = state.result(), state.name == "Cached"
-            if hit:
-                try:
-                    verify_output(out)
-                except IntegrityError as e:
-                    get_run_logger().warning("%s: cached result no longer valid (%s); recomputing", name, e)
-                    out, hit = fresh.with_options(task_run_name=name)(*a, **kwargs), False
+            out, hit = self._checked(state, name, lambda: fresh.with_options(task_run_name=name)(*a, **kwargs))
             outs.append(out)
             hits.append(hit)
         if failures:

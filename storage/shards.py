@@ -56,6 +56,11 @@ def write_shard(path: str, meta: ShardMeta, paths: list[str], labels: np.ndarray
     pq.write_table(table, path, compression="zstd", row_group_size=max(n, 1))
 
 
+def member_bytes(root: Root, blob: str, files: list[list]) -> list[bytes]:
+    """The bytes of plan entries [path, label, sha256, size, offset] in the members `blob`."""
+    return root.read_ranges(blob, [(f[4], f[3]) for f in files])
+
+
 def build_shard(root: str, blob: str, files: list[list], dest: str, meta: ShardMeta, *,
                 channels: int = 1, resize: bool = False, skip_bad: bool = False) -> dict:
     """Read one shard's members ([path, label, sha256, size, offset]) from the `blob` file,
@@ -66,7 +71,7 @@ def build_shard(root: str, blob: str, files: list[list], dest: str, meta: ShardM
     not `skip_bad` nothing is written: {"errors": [...]} tells the caller.
     """
     r = Root(root)
-    datas = r.read_ranges(blob, [(f[4], f[3]) for f in files])
+    datas = member_bytes(r, blob, files)
     images, good, errors = decode_members([(f[0], f[2], d) for f, d in zip(files, datas)],
                                           channels=channels, size=tuple(meta.shape[:2]), resize=resize)
     if errors and not skip_bad:

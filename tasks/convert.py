@@ -19,7 +19,7 @@ from storage.errors import ImageError, LayoutError, TransientError
 from storage.images import decode_members, peek_size
 from storage.layout import Layout, split_files
 from storage.root import MANIFEST, Root, digest_json, part_of, publish_parts
-from storage.shards import ShardMeta, build_shard, shard_name
+from storage.shards import ShardMeta, build_shard, member_bytes, shard_name
 from tasks import pool
 from tasks.caching import step
 
@@ -44,8 +44,8 @@ def tree_entries(root: Root, tree: dict) -> dict[str, tuple[int, int, str]]:
 
 
 def read_members(root: Root, tree: dict, files: list[list]) -> list[bytes]:
-    """The bytes of plan entries [path, label, sha256, size, offset], from the members blob."""
-    return root.read_ranges(posixpath.join(tree["dir"], BLOB), [(f[4], f[3]) for f in files])
+    """Plan entries' bytes from this unpacked archive's members blob."""
+    return member_bytes(root, posixpath.join(tree["dir"], BLOB), files)
 
 
 def common_size(root: Root, tree: dict, files: list[list], sample: int = 101) -> tuple[int, int]:
