@@ -75,11 +75,16 @@ def running_prefect_server(home: Path, env: dict[str, str], ready=_healthy, time
     try:
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 20)
+
+
+def stop(proc: subprocess.Popen, timeout: float) -> None:
+    """Terminate, and kill if it has not exited within `timeout` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 @pytest.fixture(scope="session")

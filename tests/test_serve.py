@@ -11,10 +11,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import yaml
 
-from conftest import PIXELSIM, PROJECT, TINY, TINY_FIGURES, assert_figures, base_env
+from conftest import PIXELSIM, PROJECT, TINY, TINY_FIGURES, assert_figures, base_env, stop
 
 CRON = "0 2 * * *"
 
@@ -78,11 +77,7 @@ def test_serve_registers_cron_deployment_and_runs_it(prefect_server, tmp_path):
         assert len(reports) == 1 and (reports[0].parent / "_manifest.json").exists()
         assert_figures(json.loads(reports[0].read_text()), TINY_FIGURES)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc, 30)
 
 
 def test_serve_refuses_a_temporary_server(tmp_path):
