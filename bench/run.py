@@ -5,7 +5,7 @@ its own imports and inherits nothing warm; this module imports only the standard
 """
 from __future__ import annotations
 
-import argparse, contextlib, datetime, hashlib, io, json, os, platform, re, resource  # noqa: E401
+import argparse, contextlib, datetime, io, json, os, platform, re, resource  # noqa: E401
 import shutil, signal, socket, subprocess, sys, tarfile, time, urllib.request  # noqa: E401
 import importlib.metadata as md
 from pathlib import Path
@@ -58,46 +58,64 @@ def w_extract(p: dict) -> dict:
     return timed(run)[1]
 
 
+class TimedRunner:
+    """The plain runner, timing each step's wall and CPU seconds (made in the worker: the import
+    of pixelsim stays outside the clock)."""
+
+    @staticmethod
+    def make():
+        from pixelsim.flows.runners import PlainRunner
+
+        class Timed(PlainRunner):
+            def __init__(self):
+                super().__init__()
+                self.times: dict = {}
+
+            def step(self, name, fn, *args, **kwargs):
+                out, self.times[name] = timed(super().step, name, fn, *args, **kwargs)
+                return out
+
+            def map(self, name, fn, jobs):
+                out, self.times[name] = timed(super().map, name, fn, jobs)
+                return out
+        return Timed()
+
+
 def w_steps(p: dict) -> dict:
-    """B: pixelsim's plain step functions, no flow, on a fresh root."""
-    from storage.layout import find_layout
-    from storage.root import Root
-    from tasks.convert import convert_tree, tree_entries
-    from tasks.download import download_archive
-    from tasks.evaluate import evaluate_templates
-    from tasks.report import write_report
-    from tasks.templates import compute_templates
-    from tasks.untar import untar_archive
+    """B: pixelsim's pipeline with the plain runner (no Prefect), cold, on a fresh root."""
+    from pixelsim.flows.pipeline import run_pipeline
+    from pixelsim.tasks.contracts import Request
     import pandas  # noqa: F401 - pyarrow imports it on first use; imports are outside the clock, as in A
     import torch  # noqa: F401 - imported before timing, as A imports it before its clock starts
-    root, st = p["root"], {}
+    runner = TimedRunner.make()
+    request = Request.build(source=p["data"], dataset=DATASET, root=p["root"])
+    result, total = timed(run_pipeline, request, runner)
+    out = result.outputs
+    acc = {m: dict(zip(out.evaluation.classes, v["per_class"])) for m, v in out.evaluation.metrics.items()}
+    return {"steps": runner.times, "total": total, "tree": out.tree.dir, "layout_base": layout_base(out.shards),
+            "shards": {"dir": out.shards.dir, "train": out.shards.shards["train"], "counts": out.shards.counts},
+            "accuracy": acc}
 
-    def step(name, fn, *a, **k):
-        out, st[name] = timed(fn, *a, **k)
-        return out
-    archive = step("download", download_archive, p["data"], root)
-    tree = step("untar", untar_archive, archive, root)
-    layout = step("layout", lambda: find_layout(list(tree_entries(Root(root), tree))))
-    shards = step("convert", convert_tree, tree, layout.to_dict(), DATASET, root, shard_size=5000)
-    tmpl = step("templates", compute_templates, shards, root)
-    ev = step("evaluate", evaluate_templates, shards, tmpl, root)
-    src = {k: archive[k] for k in ("url", "sha256", "bytes")}
-    step("report", write_report, DATASET, src, shards, tmpl, ev, "l1", layout.notes, root)
-    acc = {m: dict(zip(ev["classes"], v["per_class"])) for m, v in ev["metrics"].items()}
-    return {"steps": st, "tree": tree, "layout": layout.to_dict(), "shards": shards, "accuracy": acc}
+
+def layout_base(shards) -> str:
+    """The folder of the archive that holds the split folders (the seed script starts there)."""
+    from pixelsim.storage.shards import iter_arrays
+    from pixelsim.storage.root import Root
+    (batch,) = iter_arrays(Root(shards.root), shards.shards["train"][:1], ("path",))
+    first = batch["path"][0]
+    split = next(f for f in ("train", "training") if f"/{f}/" in f"/{first}")
+    return first[:f"/{first}".index(f"/{split}/")]
 
 
 def w_decode(p: dict) -> dict:
     """F and the decode rates: shards -> one array vs decoding the same training PNGs again."""
     import numpy as np
     from PIL import Image
-    from storage.images import decode, decoder_name
-    from storage.layout import Layout, split_files
-    from storage.root import Root
-    from storage.shards import iter_arrays
-    from tasks.convert import tree_entries
-    r, lay = Root(p["root"]), Layout(**p["layout"])
-    names = [f for f, _ in split_files(list(tree_entries(r, p["tree"])), lay, lay.train)]
+    from pixelsim.storage.images import decode, decoder_name
+    from pixelsim.storage.root import Root
+    from pixelsim.storage.shards import iter_arrays
+    r, train = Root(p["root"]), p["shards"]["train"]
+    names = [path for b in iter_arrays(r, train, ("path",)) for path in b["path"]]
     files, n = [Path(p["seed_tree"], f) for f in names], len(names)
     pillow = lambda b: np.array(Image.open(io.BytesIO(b)))  # noqa: E731
     fastest = ("pillow", pillow)
@@ -106,7 +124,7 @@ def w_decode(p: dict) -> dict:
         fastest = ("pyspng", pyspng.load)
 
     def load():
-        return timed(lambda: np.concatenate([b["image"] for b in iter_arrays(r, p["shards"]["shards"]["train"])]))
+        return timed(lambda: np.concatenate([b["image"] for b in iter_arrays(r, train)]))
     (arr, t_first), t_shards = load(), min((load()[1] for _ in range(3)), key=lambda t: t["s"])
 
     def read_decode(fn):
@@ -123,28 +141,28 @@ def w_decode(p: dict) -> dict:
 
 
 def w_step(p: dict) -> dict:
-    """G: one step of the scale run on a persistent root."""
-    from storage.layout import find_layout
-    from storage.root import Root
-    from tasks.convert import convert_tree, tree_entries
-    from tasks.evaluate import evaluate_templates
-    from tasks.templates import compute_templates
-    from tasks.untar import untar_archive
-    root, name, extra = p["root"], p["step"], {}
+    """G: one step of the scale run on a persistent root, from the previous step's output folder."""
+    from pixelsim.flows import pipeline
+    from pixelsim.flows.runners import PlainRunner
+    from pixelsim.tasks.contracts import Archive, Options, ShardSet, Templates, Tree
+    from pixelsim.tasks.templates import compute_templates
+    from pixelsim.tasks.untar import untar_archive
+    root, name = p["root"], p["step"]
     import pandas  # noqa: F401 - pyarrow imports it on first use; imports are outside the clock, as in A
     if name in ("templates", "evaluate"):
         import torch  # noqa: F401 - imported before timing, as A imports it before its clock starts
     if name == "untar":
-        out, t = timed(untar_archive, p["archive"], root)
+        out, t = timed(lambda: untar_archive(Archive.load(root, p["archive"])).value)
     elif name == "convert":
-        lay, lt = timed(lambda: find_layout(list(tree_entries(Root(root), p["tree"]))))
-        out, t = timed(convert_tree, p["tree"], lay.to_dict(), "synthetic", root, shard_size=5000)
-        extra = {"layout_s": lt["s"]}
+        tree = Tree.load(root, p["tree"])
+        out, t = timed(lambda: pipeline.convert(PlainRunner(), tree, "synthetic", Options())[0])
     elif name == "templates":
-        out, t = timed(compute_templates, p["shards"], root)
+        shards = ShardSet.load(root, p["shards"])
+        out, t = timed(lambda: compute_templates(shards).value)
     else:
-        out, t = timed(evaluate_templates, p["shards"], p["templates"], root)
-    return {"out": out, **t, **extra}
+        shards, tmpl = ShardSet.load(root, p["shards"]), Templates.load(root, p["templates"])
+        out, t = timed(lambda: pipeline.evaluate(PlainRunner(), shards, tmpl, "cpu"))
+    return {"out": out.dir, **t}
 
 
 def w_trivial(p: dict) -> dict:
@@ -233,7 +251,7 @@ def prefect_server(home: Path, log: Path):
 def synthetic_tar(path: Path, n: int) -> None:
     """n MNIST-like 28x28 PNGs in synth/{train,valid}/{0..9}/ (5/6 train), from 300 distinct images."""
     import numpy as np
-    from storage.images import encode_png
+    from pixelsim.storage.images import encode_png
     rng = np.random.default_rng(0)
 
     def png(c: int) -> bytes:  # sparse noise plus a bright bar whose position is the class
@@ -250,14 +268,12 @@ def synthetic_tar(path: Path, n: int) -> None:
 
 
 def scale(n: int, tmp: Path, logs: Path) -> dict:
+    from pixelsim.tasks.download import download_archive
     root = tmp / f"scale-{n}"
-    rel = "archives/synthetic/synthetic.tar"
-    (root / rel).parent.mkdir(parents=True)
-    _, gen = timed(synthetic_tar, root / rel, n)
-    with open(root / rel, "rb") as f:
-        sha = hashlib.file_digest(f, "sha256").hexdigest()
-    state = {"root": str(root), "archive": {"root": str(root), "file": rel, "sha256": sha,
-                                            "bytes": (root / rel).stat().st_size, "url": str(root / rel)}}
+    tar = tmp / f"synthetic-{n}.tar"
+    _, gen = timed(synthetic_tar, tar, n)
+    state = {"root": str(root), "archive": download_archive(str(tar), str(root)).value.dir}
+    tar.unlink()
     images = {"untar": n, "convert": n, "templates": n * 5 // 6, "evaluate": n - n * 5 // 6}
     result = {"images": n, "generate_s": gen["s"], "steps": {}}
     try:
@@ -333,8 +349,8 @@ def table(R: dict) -> str:
         rows.append((sec, what, fmt(val, " " + unit), vs or "—", f"{label} {ratio:.2f}" if ratio else "—"))
     A, B, F = R.get("A", {}), R.get("B", {}), R.get("F", {})
     st = B.get("steps", {})
-    b_all = sum(s["s"] for s in st.values()) if st else None
-    b_tree = sum(st[k]["s"] for k in ("layout", "convert", "templates", "evaluate")) if st else None
+    b_all = B.get("total", {}).get("s") if st else None
+    b_tree = sum(st[k]["s"] for k in ("convert", "templates", "evaluate")) if st else None
     a_all = A["s"] + R["A0"]["s"] if "s" in A and "s" in R.get("A0", {}) else None
     row("A", "seed script, loading part (PIL open, stack, /255)", A.get("load_s"), "s", "B convert",
         st.get("convert", {}).get("s"), "A/B")
@@ -345,7 +361,7 @@ def table(R: dict) -> str:
     seed_proc = f"A seed script as a process, imports included ({fmt(A.get('process_s'), ' s')})"
     row("B", "all steps (download → report)", b_all, "s", seed_all, a_all, "A/B", inverse=True)
     row("B", "all steps (download → report)", b_all, "s", seed, A.get("s"), "A/B", inverse=True)
-    row("B", "from the unpacked archive (layout+convert+templates+evaluate)", b_tree, "s", seed, A.get("s"),
+    row("B", "from the unpacked archive (convert incl. layout, templates, evaluate)", b_tree, "s", seed, A.get("s"),
         "A/B", True)
     for k, s in st.items():
         row("B", f"step {k} (cores used {s['cpu'] / s['s']:.2f})", s["s"], "s", "B all steps", b_all, "share")
@@ -437,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         if "error" not in B:
             tree = tmp / "seed-tree"
             section(R, "A0", lambda: worker("extract", {"data": str(data), "dest": str(tree)}, logs / "A0")[0])
-            base = tree / B["layout"]["base"]
+            base = tree / B["layout_base"]
             A = section(R, "A", lambda: (lambda r, proc: {**r, "process_s": proc["wall"]})(
                 *worker("seed", {"base": str(base)}, logs / "A")))
             R["accuracy_equal"] = A.get("accuracy") == B["accuracy"]

@@ -6,6 +6,8 @@ import json
 import os
 import sys
 
+from pixelsim.tasks.contracts import DEFAULT_ROOT, METRICS, Options, default_root
+
 
 def _quiet_prefect_defaults() -> None:
     """Offline-friendly defaults a user can still override from the environment."""
@@ -38,18 +40,19 @@ def run_options(run: argparse.ArgumentParser) -> None:
                      "with --source, the name its outputs are filed under (default: the source's file name)")
     run.add_argument("--source", help="archive URL or path (any fsspec URL); never falls back")
     run.add_argument("--sha256", help="expected sha256 of the --source archive (verified before extraction)")
-    run.add_argument("--root", default=os.environ.get("PIXELSIM_ROOT", "pixelsim-data"),
-                     help="storage root, a folder or fsspec URL (default: ./pixelsim-data or $PIXELSIM_ROOT)")
-    run.add_argument("--metric", choices=["l1", "rmse"], default="l1", help="headline distance (both are computed)")
+    run.add_argument("--root", default=default_root(),
+                     help=f"storage root, a folder or fsspec URL (default: ./{DEFAULT_ROOT} or $PIXELSIM_ROOT)")
+    run.add_argument("--metric", choices=METRICS, default=Options.metric, help="headline distance (both are computed)")
     run.add_argument("--refresh", action="store_true", help="recompute every step, ignoring cached results")
-    run.add_argument("--shard-size", type=int, default=5000, help="images per Parquet shard")
-    run.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1: grayscale (luma), 3: RGB")
+    run.add_argument("--shard-size", type=int, default=Options.shard_size, help="images per Parquet shard")
+    run.add_argument("--channels", type=int, choices=[1, 3], default=Options.channels,
+                     help="1: grayscale (luma), 3: RGB")
     run.add_argument("--resize", type=_size, help="resize every image to HxW instead of failing on mixed sizes")
     run.add_argument("--classes", help="comma-separated subset of class folders, e.g. 3,7")
     run.add_argument("--train-split", help="name of the training split folder")
     run.add_argument("--valid-split", help="name of the validation split folder")
-    run.add_argument("--device", default="cpu", help="torch device for templates and evaluation")
-    run.add_argument("--skip-bad", type=int, default=0, metavar="N",
+    run.add_argument("--device", default=Options.device, help="torch device for templates and evaluation")
+    run.add_argument("--skip-bad", type=int, default=Options.skip_bad, metavar="N",
                      help="leave out at most N unreadable images (listed in the report) instead of failing")
     run.add_argument("--task-runner", choices=["thread", "process", "dask"], default="thread",
                      help="where mapped steps (convert, evaluate) run")
@@ -71,8 +74,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("datasets", help="list the named datasets")
     show = sub.add_parser("show", help="a past run's summary, from the stored files (no Prefect needed)")
     show.add_argument("run", nargs="?", help="a run id (or a unique prefix) or a report folder; default: the latest run")
-    show.add_argument("--root", default=os.environ.get("PIXELSIM_ROOT", "pixelsim-data"),
-                      help="storage root holding history/ (default: ./pixelsim-data or $PIXELSIM_ROOT)")
+    show.add_argument("--root", default=default_root(),
+                      help=f"storage root holding history/ (default: ./{DEFAULT_ROOT} or $PIXELSIM_ROOT)")
     show.add_argument("--json", action="store_true", help="print the run and its report as JSON")
     return p
 
@@ -80,49 +83,54 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "datasets":
-        from flows.datasets import DATASETS
+        from pixelsim.flows.datasets import DATASETS
         for d in DATASETS.values():
             print(f"{d.name:14} {d.description}\n{'':14} {d.url}" + ("  (bundled offline copy)" if d.bundled else ""))
         return 0
     if args.command == "show":
-        from flows.show import show
-        from storage.errors import PixelsimError
+        from pixelsim.flows.show import show
+        from pixelsim.storage.errors import PixelsimError
         try:
             print(show(args.run, args.root, args.json))
         except PixelsimError as e:
             print(f"pixelsim: error: {e}", file=sys.stderr)
             return 1
         return 0
-    _quiet_prefect_defaults()
-    from flows.pixel_similarity import masked_source, pixel_similarity
-    from flows.runners import task_runner
-    from storage.errors import PixelsimError
+    from pixelsim.storage.errors import OptionError, PixelsimError
+    from pixelsim.tasks.contracts import Request
 
-    if args.dataset is None:
-        from tasks.download import dataset_name
-        args.dataset = dataset_name(args.source) if args.source else "mnist_sample"
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    classes = args.classes.split(",") if args.classes is not None else None
     params = dict(dataset=args.dataset, source=args.source, root=args.root, metric=args.metric,
                   refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
                   resize=args.resize, classes=classes, train_split=args.train_split,
                   valid_split=args.valid_split, device=args.device,
                   sha256=args.sha256, skip_bad=args.skip_bad)
+    try:
+        request = Request.build(**params)   # every option checked before Prefect starts
+    except OptionError as e:
+        print(f"pixelsim: error: {e}", file=sys.stderr)
+        return 2
+    params["dataset"] = request.dataset
+    _quiet_prefect_defaults()
+    from pixelsim.flows.pixel_similarity import masked_source, pixel_similarity
+    from pixelsim.flows.prefect_runner import task_runner
+
     runner = task_runner(args.task_runner, args.workers, args.dask_address)
     if args.command == "serve":
-        from flows.serve import serve
-        return serve(params, cron=args.cron, name=args.name or args.dataset, task_runner=runner)
-    from flows.progress import terminal_progress
+        from pixelsim.flows.serve import serve
+        return serve(params, cron=args.cron, name=args.name or request.dataset, task_runner=runner)
+    from pixelsim.flows.progress import terminal_progress
     try:
         with terminal_progress(sys.stderr.isatty()):
             out = pixel_similarity.with_options(task_runner=runner)(**{**params, "source": masked_source(args.source)})
     except PixelsimError as e:
         print(f"pixelsim: error: {e}", file=sys.stderr)
         return 1
-    rep = out["report"]
+    rep = out.report
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
-    reused = [k for k, v in out["cached"].items() if v]
+    reused = [k for k, v in out.cached.items() if v]
     m = rep["metrics"][args.metric]
     print(f"{rep['dataset']}: {len(rep['classes'])} classes, "
           f"{sum(rep['counts']['train'].values())} train / {sum(rep['counts']['valid'].values())} valid images")
@@ -130,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     for c in rep["classes"]:
         print(f"  {args.metric} accuracy on {c}: {m['per_class'][c]}")
     print(f"  balanced (mean of classes): {m['balanced']}   overall: {m['overall']}")
-    print(f"reused cached results for {len(reused)} of {len(out['cached'])} steps"
+    print(f"reused cached results for {len(reused)} of {len(out.cached)} steps"
           + (f": {', '.join(reused)}" if reused else ""))
     print(f"report: {rep['artifacts']['report']}")
-    print(f"run: {out['run_id']} (see `pixelsim show {out['run_id'][:8]}`; report.html in the report folder)")
+    print(f"run: {out.run_id} (see `pixelsim show {out.run_id[:8]}`; report.html in the report folder)")
     return 0
 
 

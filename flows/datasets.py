@@ -20,7 +20,7 @@ class Dataset:
         return os.environ.get(f"PIXELSIM_URL_{self.name.upper()}", self.url)
 
     def bundled_path(self) -> str | None:
-        return str(resources.files("flows") / "data" / self.bundled) if self.bundled else None
+        return str(resources.files("pixelsim.flows") / "data" / self.bundled) if self.bundled else None
 
 
 DATASETS = {d.name: d for d in [

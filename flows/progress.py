@@ -69,7 +69,7 @@ def terminal_progress(enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    import storage.fetch as fetch
+    import pixelsim.storage.fetch as fetch
 
     bars = Bars()
     # Prefect's handlers must print through the bars' console, or they would tear the bar apart

@@ -1,28 +1,116 @@
-"""Task runners for the mapped steps: threads, a local process pool, or a Dask cluster."""
+"""How the pipeline's steps are run: the bookkeeping every runner shares, and the plain runner.
+
+The pipeline (`pixelsim.flows.pipeline`) calls `runner.step(name, fn, ...)` for a single step
+and `runner.map(name, fn, jobs)` for a mapped one; a runner decides where the plain step
+functions run. `PlainRunner` calls them in this process, with no Prefect (tests, the
+benchmark, notebooks, `pixelsim.run`); `pixelsim.flows.prefect_runner.PrefectRunner` runs
+each as a Prefect task run. Either way the cache is the storage root.
+"""
 from __future__ import annotations
 
-import os
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from pixelsim.storage.cache import Outcome
+from pixelsim.storage.errors import PixelsimError, TransientError
+from pixelsim.tasks.convert import BadImages
 
-RUNNERS = ("thread", "process", "dask")
+RETRIES = 2          # further attempts after a transient failure (a step's own retries come first)
+RETRY_DELAY_S = 1.0  # doubled on each retry, with jitter
 
 
-def task_runner(kind: str, workers: int | None = None, dask_address: str | None = None) -> Any:
-    """`dask` without an address starts a local cluster bound to 127.0.0.1 only."""
-    workers = workers or os.cpu_count() or 1
-    if kind == "thread":
-        return ThreadPoolTaskRunner(max_workers=workers)
-    if kind == "process":
-        return ProcessPoolTaskRunner(max_workers=workers)
-    if kind == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise SystemExit("pixelsim: --task-runner dask needs the extra: pip install 'pixelsim[dask]'") from None
-        if dask_address:
-            return DaskTaskRunner(address=dask_address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                              "host": "127.0.0.1", "dashboard_address": None})
-    raise ValueError(f"unknown task runner {kind!r}: use one of {', '.join(RUNNERS)}")
+def is_transient(error: BaseException) -> bool:
+    """Retry storage hiccups and transient errors; never a permanent one (bad input)."""
+    if isinstance(error, TransientError):
+        return True
+    if isinstance(error, PixelsimError):
+        return False
+    return isinstance(error, (OSError, TimeoutError))
+
+
+def gathered(name: str, outcomes: Sequence[Outcome | BaseException]) -> list[Outcome]:
+    """The outcomes of a mapped step, or its failure: bad images of every job are reported together."""
+    failures = [o for o in outcomes if isinstance(o, BaseException)]
+    if failures:
+        bad = [e for f in failures if isinstance(f, BadImages) for e in f.errors]
+        if bad:
+            raise BadImages(bad)
+        raise failures[0]
+    return list(outcomes)  # type: ignore[arg-type]
+
+
+class Runner:
+    """Records, per step, whether every piece of it came from the root and how long it took."""
+
+    def __init__(self, refresh: bool = False, run_id: str | None = None,
+                 log: logging.Logger | logging.LoggerAdapter | None = None):
+        self.refresh = refresh
+        self.run_id = run_id or str(uuid.uuid4())
+        self.log = log or logging.getLogger("pixelsim")
+        self.cached: dict[str, bool] = {}
+        self.seconds: dict[str, float] = {}
+
+    def step(self, name: str, fn: Callable[..., Outcome], *args: Any, retries: int = RETRIES, **kwargs: Any) -> Any:
+        """`retries=0` when a failure has a fallback that should come at once."""
+        start = time.perf_counter()
+        out = self._call(name, fn, args, {**kwargs, "refresh": self.refresh}, retries)
+        self._note(name, [name], [out], start)
+        return out.value
+
+    def map(self, name: str, fn: Callable[..., Outcome], jobs: Sequence[Any]) -> list[Any]:
+        """One call of `fn` per job (each job has a `.name`), concurrently where the runner can."""
+        start = time.perf_counter()
+        outs = gathered(name, self._map(name, fn, jobs))
+        self._note(name, [j.name for j in jobs], outs, start)
+        return [o.value for o in outs]
+
+    def _note(self, step: str, names: list[str], outs: list[Outcome], start: float) -> None:
+        for n, o in zip(names, outs):
+            if o.rebuilt_because:
+                self.log.warning("%s: cached result no longer valid (%s); recomputing", n, o.rebuilt_because)
+        self.cached[step] = all(o.cached for o in outs)
+        self.seconds[step] = self.seconds.get(step, 0.0) + time.perf_counter() - start
+
+    # -- what a runner implements ---------------------------------------------------------
+    def _call(self, name: str, fn: Callable[..., Outcome], args: tuple, kwargs: dict,
+              retries: int = RETRIES) -> Outcome:
+        raise NotImplementedError
+
+    def _map(self, name: str, fn: Callable[..., Outcome], jobs: Sequence[Any]) -> list[Outcome | BaseException]:
+        raise NotImplementedError
+
+
+class PlainRunner(Runner):
+    """The steps as plain calls in this process, retried like Prefect retries them."""
+
+    def _call(self, name: str, fn: Callable[..., Outcome], args: tuple, kwargs: dict,
+              retries: int = RETRIES) -> Outcome:
+        for attempt in range(retries + 1):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - retried or re-raised as it is
+                if attempt == retries or not is_transient(e):
+                    raise
+                self.log.warning("%s failed (%s); retrying", name, e)
+                time.sleep(RETRY_DELAY_S * 2 ** attempt * random.uniform(0.5, 1.5))
+        raise AssertionError("unreachable")
+
+    def _map(self, name: str, fn: Callable[..., Outcome], jobs: Sequence[Any]) -> list[Outcome | BaseException]:
+        from pixelsim.tasks import pool
+
+        def one(job: Any) -> Outcome | BaseException:
+            try:
+                return self._call(job.name, fn, (job,), {"refresh": self.refresh})
+            except BadImages as e:
+                return e
+
+        # jobs on the shared process pool: a thread per pool worker keeps every worker busy;
+        # without it threads would only contend for the GIL
+        parallel = any(getattr(j, "parallel", False) for j in jobs)
+        with ThreadPoolExecutor(max(1, pool.workers()) if parallel else 1) as threads:
+            return list(threads.map(one, jobs))

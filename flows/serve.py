@@ -36,7 +36,7 @@ def serve(params: dict[str, Any], *, cron: str, name: str, task_runner: Any = No
         return 2
     from prefect.deployments.runner import EntrypointType
 
-    from flows.pixel_similarity import pixel_similarity
+    from pixelsim.flows.pixel_similarity import pixel_similarity
 
     flow = pixel_similarity.with_options(task_runner=task_runner) if task_runner else pixel_similarity
     flow.serve(name=name, cron=cron, parameters=deployment_parameters(params), description=DESCRIPTION,

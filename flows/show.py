@@ -9,9 +9,9 @@ import json
 import os
 import posixpath
 
-from storage.errors import PixelsimError
-from storage.history import HISTORY, read_history
-from storage.root import Root
+from pixelsim.storage.errors import PixelsimError
+from pixelsim.storage.history import HISTORY, read_history
+from pixelsim.storage.root import Root
 
 
 def _runs(root: Root) -> list[dict]:

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import ArchiveError
+from pixelsim.storage.errors import ArchiveError
 
 _CHUNK = 1 << 20
 # Decompressed bytes tolerated beyond member data (headers, padding, read-ahead), so a

@@ -9,18 +9,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.images import encode_png
-from storage.root import Root, Staging
+from pixelsim.storage.images import encode_png
+from pixelsim.storage.root import Root, Staging
 
 TEMPLATES = "templates.parquet"
 
 
+def scope_columns(scope: dict[str, str], n: int) -> dict[str, pa.Array]:
+    """Constant string columns saying which output a row belongs to (dataset, key), so rows globbed
+    from several folders of a root can be told apart (Parquet's dictionary pages store them almost free)."""
+    return {name: pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
+            .dictionary_decode() for name, value in scope.items()}
+
+
 def write_templates(staging: Staging, classes: list[str], counts: list[int], means: np.ndarray,
-                    shape: tuple[int, ...]) -> None:
+                    shape: tuple[int, ...], scope: dict[str, str] | None = None) -> None:
     """Means as float32 lists (one row per class) plus one viewable PNG per class."""
     width = int(np.prod(shape))
     flat = means.astype(np.float32).reshape(len(classes), width)
     table = pa.table({
+        **scope_columns(scope or {}, len(classes)),
         "class": pa.array(classes, pa.string()),
         "count": pa.array(counts, pa.int64()),
         "template": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel(), pa.float32()), width),
@@ -41,10 +49,12 @@ def read_templates(root: Root, rel: str) -> tuple[list[str], np.ndarray, tuple[i
     return table.column("class").to_pylist(), means, shape
 
 
-def write_predictions(path: str, columns: dict[str, list | np.ndarray | pa.Array]) -> None:
+def write_predictions(path: str, columns: dict[str, list | np.ndarray | pa.Array],
+                      scope: dict[str, str] | None = None) -> None:
     """Columns may be lists, numpy arrays or Arrow arrays; the file's schema is the same for all."""
     dist = columns["distances"]
     table = pa.table({
+        **scope_columns(scope or {}, len(dist)),
         "path": _array(columns["path"], pa.string()),
         "label": _array(columns["label"], pa.string()),
         "metric": _array(columns["metric"], pa.string()),

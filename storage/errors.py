@@ -44,3 +44,11 @@ class LayoutError(PixelsimError):
 
 class IntegrityError(PixelsimError):
     """A stored artifact does not match its manifest."""
+
+
+class NotPublished(IntegrityError):
+    """An output folder has no manifest: never built, or its build did not finish."""
+
+
+class OptionError(PixelsimError, ValueError):
+    """An option value that cannot work; names the option (a usage error: exit status 2)."""

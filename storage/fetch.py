@@ -22,7 +22,7 @@ from urllib.parse import unquote_plus, urljoin, urlsplit, urlunsplit
 import fsspec
 import httpx
 
-from storage.errors import ChecksumError, DownloadError, TransientDownloadError
+from pixelsim.storage.errors import ChecksumError, DownloadError, TransientDownloadError
 
 log = logging.getLogger(__name__)
 

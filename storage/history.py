@@ -1,4 +1,5 @@
-"""Run history: one small Parquet file per flow run under `<root>/history/`, one row per metric.
+"""What each run did: its record (`runs/<dataset>/<run id>.json`: what it was asked, its options
+and the exact output folders it used) and its history file (`history/`), one row per metric.
 
 One file per run, never a shared file rewritten in place: concurrent runs cannot lose each
 other's rows, no lock is needed (object stores have none to offer), and the folder reads as
@@ -18,9 +19,14 @@ import pyarrow as pa
 import pyarrow.json as pj
 import pyarrow.parquet as pq
 
-from storage.root import Root
+from pixelsim.storage import catalog
+from pixelsim.storage.catalog import HISTORY
+from pixelsim.storage.root import Root
 
-HISTORY = "history"
+OPTIONS = pa.struct([("shard_size", pa.int64()), ("channels", pa.int64()), ("resize", pa.list_(pa.int64())),
+                     ("classes", pa.list_(pa.string())), ("train_split", pa.string()),
+                     ("valid_split", pa.string()), ("skip_bad", pa.int64()), ("device", pa.string())])
+STEP_OUTPUTS = ("archive", "tree", "shards", "templates", "evaluation", "report")
 
 SCHEMA = pa.schema([
     ("run_id", pa.string()),                 # the Prefect flow run id
@@ -36,20 +42,42 @@ SCHEMA = pa.schema([
     ("steps", pa.list_(pa.struct([("step", pa.string()), ("seconds", pa.float64()), ("cached", pa.bool_())]))),
     ("total_seconds", pa.float64()),         # the whole run, wall clock
     ("report", pa.string()),                 # the report folder
+    ("options", OPTIONS),                    # the run's options (besides metric)
+    ("outputs", pa.struct([(k, pa.string()) for k in STEP_OUTPUTS])),  # each step's output folder
 ])
 
 
-def history_rows(run_id: str, started: datetime, report: dict, steps: list[dict], seconds: float) -> list[dict]:
-    """A run's rows (one per metric) from its report JSON and step timings."""
+def history_rows(run_id: str, started: datetime, report: dict, steps: list[dict], seconds: float,
+                 options: dict | None = None, outputs: dict | None = None) -> list[dict]:
+    """A run's rows (one per metric) from its report JSON, step timings, options and outputs."""
     src = report["source"]
+    opts = {k: (options or {}).get(k) for k in OPTIONS.names}
     return [{"run_id": run_id, "time": started.astimezone(timezone.utc), "dataset": report["dataset"],
              "source_url": src.get("url"), "source_sha256": src.get("sha256"), "metric": name,
              "headline": name == report["metric"], "balanced": m["balanced"], "overall": m["overall"],
              "per_class": [{"class": c, "accuracy": m["per_class"].get(c)} for c in report["classes"]],
              "steps": [{"step": s["step"], "seconds": float(s["seconds"]), "cached": bool(s["cached"])}
                        for s in steps],
-             "total_seconds": round(float(seconds), 3), "report": report["artifacts"]["report"]}
+             "total_seconds": round(float(seconds), 3), "report": report["artifacts"]["report"],
+             "options": opts, "outputs": {k: (outputs or {}).get(k) for k in STEP_OUTPUTS}}
             for name, m in report["metrics"].items()]
+
+
+def record_run(root_url: str, run_id: str, started: datetime, seconds: float, *, request: dict, options: dict,
+               outputs: dict[str, str], report: dict, steps: list[dict]) -> str:
+    """Publish the run's record, then its history rows; returns the record's path in the root."""
+    root = Root(root_url)
+    rel = catalog.run_record(report["dataset"], run_id)
+    body = {"run_id": run_id, "time": started.astimezone(timezone.utc).isoformat(), "seconds": round(seconds, 3),
+            "dataset": report["dataset"], "source": report["source"], "request": request, "options": options,
+            "outputs": outputs, "steps": steps, "report": report["artifacts"]["report"]}
+    root.write_bytes_atomic(rel, (json.dumps(body, indent=1) + "\n").encode())
+    append_run(root, history_rows(run_id, started, report, steps, seconds, options, outputs))
+    return rel
+
+
+def read_run_record(root: Root, dataset: str, run_id: str) -> dict:
+    return root.read_json(catalog.run_record(dataset, run_id))
 
 
 def file_name(run_id: str, started: datetime) -> str:

@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.artifacts import read_templates
-from storage.images import encode_png
-from storage.root import MANIFEST, Root
-from storage.shards import iter_arrays
+from pixelsim.storage.artifacts import read_templates
+from pixelsim.storage.images import encode_png
+from pixelsim.storage.root import MANIFEST, Root
+from pixelsim.storage.shards import iter_arrays
 
 WORST = 12
 THUMB = 128          # gallery images larger than this are shown subsampled, to keep the page small

@@ -32,7 +32,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile
 
-from storage.errors import ImageError
+from pixelsim.storage.errors import ImageError
 
 try:  # optional accelerator; Pillow handles everything without it
     import pyspng as _spng

@@ -6,7 +6,7 @@ import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from storage.errors import LayoutError
+from pixelsim.storage.errors import LayoutError
 
 TRAIN_NAMES = ("train", "training")
 VALID_NAMES = ("valid", "validation", "test", "testing")

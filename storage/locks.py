@@ -1,12 +1,12 @@
-"""Step locks that a killed run cannot keep.
+"""Step locks that a killed run cannot keep, with no dependency on Prefect.
 
-Prefect's file locks never expire unless given a hold timeout, so a SIGKILLed holder
-would make the next run wait forever. Each lock here names its host and process and
-carries an expiry: a lock whose process is gone (same host) or whose time is up is broken.
+A lock is a file `<key>.lock` holding its holder, host, process and expiry. It is created with
+its content in one step (written under a temporary name, then hard-linked onto the lock's
+name, which fails if the lock exists), so it is never seen empty. A lock whose process is gone
+(same host) or whose time is up is broken by the next one who wants it.
 
-Prefect creates a lock file empty and writes it a moment later, so a concurrent reader can
-find it empty or half-written: such a file counts as held (by a holder still writing it),
-and one left empty for longer than EMPTY_STALE_S (its holder died in between) is broken.
+A file that cannot be parsed (written by hand, or in place by another tool) counts as held
+while it is fresh, and is broken once it has been left that way for EMPTY_STALE_S.
 """
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ import os
 import socket
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
-
-from prefect.locking.filesystem import FileSystemLockManager
 
 HOST = socket.gethostname()
 EMPTY_STALE_S = 10.0
+POLL_S = 0.1
 
 
 def _alive(pid: int) -> bool:
@@ -33,43 +33,97 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class ExpiringLockManager(FileSystemLockManager):
+def _expired(expiration: object) -> bool:
+    if isinstance(expiration, (int, float)):
+        return time.time() > expiration
+    if isinstance(expiration, str):
+        try:
+            return datetime.fromisoformat(expiration).timestamp() < time.time()
+        except ValueError:
+            return False
+    return False
+
+
+class ExpiringLockManager:
     def __init__(self, lock_files_directory: Path, hold_timeout: float = 3600.0):
-        super().__init__(lock_files_directory=lock_files_directory)
+        self.dir = Path(lock_files_directory)
         self.hold_timeout = hold_timeout
 
-    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None) -> bool:
-        if not super().acquire_lock(key, holder, acquire_timeout, hold_timeout or self.hold_timeout):
-            return False
-        # record who holds it, so a waiter can tell a dead holder from a slow one
-        info = self._locks[key]
-        path = Path(info["path"])
-        body = {"holder": holder, "expiration": str(info["expiration"]), "host": HOST, "pid": os.getpid()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)  # never empty or half-written to a reader
-        return True
+    def _path(self, key: str) -> Path:
+        return self.dir / f"{key}.lock"
 
-    def _get_lock_info(self, key: str, use_cache: bool = True):
+    def _info(self, key: str) -> dict | None:
+        """The lock's details; None when free (a stale unreadable file is removed first)."""
+        path = self._path(key)
         try:
-            return super()._get_lock_info(key, use_cache=use_cache)
-        except ValueError:  # empty or half-written: see the module docstring
-            path = self._lock_path_for_key(key)
+            info = json.loads(path.read_bytes())
+            if not isinstance(info, dict):
+                raise ValueError("not an object")
+            return info
+        except FileNotFoundError:
+            return None
+        except ValueError:
             try:
                 if time.time() - path.stat().st_mtime > EMPTY_STALE_S:
                     path.unlink(missing_ok=True)
                     return None
             except FileNotFoundError:
                 return None
-            return {"holder": None, "expiration": None, "path": path}
+            return {"holder": None}
 
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        info = self._get_lock_info(key, use_cache=use_cache)
+    def is_locked(self, key: str) -> bool:
+        """Held by someone alive; a dead or expired holder's lock is broken on the way."""
+        info = self._info(key)
         if info is None:
             return False
         pid = info.get("pid")
-        if info.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not _alive(pid):
-            Path(info["path"]).unlink(missing_ok=True)
-            self._locks.pop(key, None)
+        dead = info.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not _alive(pid)
+        if dead or _expired(info.get("expiration")):
+            self._path(key).unlink(missing_ok=True)
             return False
-        return super().is_locked(key, use_cache=use_cache)
+        return True
+
+    def is_lock_holder(self, key: str, holder: str) -> bool:
+        info = self._info(key)
+        return info is not None and info.get("holder") == holder
+
+    def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
+                     hold_timeout: float | None = None) -> bool:
+        """Take the lock, waiting up to `acquire_timeout` seconds (None: as long as it takes)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        body = json.dumps({"holder": holder, "host": HOST, "pid": os.getpid(),
+                           "expiration": time.time() + (hold_timeout or self.hold_timeout)}).encode()
+        tmp = self.dir / f".{key}.{os.getpid()}-{threading.get_ident()}.tmp"
+        tmp.write_bytes(body)
+        try:
+            while True:
+                try:
+                    self._create(tmp, self._path(key), body)
+                    return True
+                except FileExistsError:
+                    if self.is_lock_holder(key, holder):
+                        return True
+                    if not self.is_locked(key):
+                        continue          # broken just now: try again at once
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(POLL_S)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @staticmethod
+    def _create(tmp: Path, path: Path, body: bytes) -> None:
+        """Create `path` holding `body`, failing with FileExistsError if it exists."""
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: create exclusively, then write
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+
+    def release_lock(self, key: str, holder: str) -> None:
+        if self.is_lock_holder(key, holder):
+            self._path(key).unlink(missing_ok=True)

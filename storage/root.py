@@ -19,8 +19,8 @@ from typing import Any, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.errors import IntegrityError
-from storage.faults import publishing
+from pixelsim.storage.errors import IntegrityError, NotPublished
+from pixelsim.storage.faults import publishing
 
 MANIFEST = "_manifest.json"
 PARTS = "_parts"   # parts written by parallel tasks wait here until their folder is published
@@ -264,7 +264,7 @@ class Root:
         try:
             manifest = self.read_json(posixpath.join(rel, MANIFEST))
         except FileNotFoundError:
-            raise IntegrityError(f"{self.uri(rel)}: no manifest (missing or never published)") from None
+            raise NotPublished(f"{self.uri(rel)}: no manifest (missing or never published)") from None
         except ValueError as e:
             raise IntegrityError(f"{self.uri(rel)}: unreadable manifest: {e}") from None
         listed: dict[str, int] | None = None
@@ -343,35 +343,14 @@ def publish_file(root: Root, local_path: str, rel: str) -> None:
         raise
 
 
-def verify_output(desc: dict) -> None:
-    """Raise IntegrityError unless a step's recorded output is still there, unchanged.
-
-    A file written by a parallel task may still wait as a part for its folder's
-    publication (another run, or a crash, got in between): a valid part counts.
-    """
-    root = Root(desc["root"])
-    if "file" in desc:
-        for rel in (desc["file"], part_of(desc["file"])):
-            try:
-                if root.sha256(rel) == (desc["sha256"], desc["bytes"]):
-                    return
-            except FileNotFoundError:
-                continue
-            raise IntegrityError(f"{root.uri(desc['file'])}: altered since it was written")
-        raise IntegrityError(f"{root.uri(desc['file'])}: missing")
-    manifest = root.verify(desc["dir"], deep=desc.get("deep", True))
-    if manifest["digest"] != desc["digest"]:
-        raise IntegrityError(f"{root.uri(desc['dir'])}: replaced by other content")
-
-
 def part_of(rel: str) -> str:
     """Where a parallel task writes the file that its folder's publication will promote to `rel`."""
     return posixpath.join(posixpath.dirname(rel), PARTS, posixpath.basename(rel))
 
 
 def publish_parts(root: Root, folder: str, results: list[dict], **meta: Any) -> str:
-    """Promote the parts that tasks wrote (cached ones are already in place), then write the
-    manifest last; returns the manifest digest."""
+    """Promote the parts that tasks wrote (reused ones are already in place), then write the
+    manifest last and drop the parts' records; returns the manifest digest."""
     for x in results:
         part = part_of(x["file"])
         if root.exists(part):
@@ -381,8 +360,12 @@ def publish_parts(root: Root, folder: str, results: list[dict], **meta: Any) -> 
                 pass  # a concurrent run promoted the same (identical) part first
         if root.sha256(x["file"]) != (x["sha256"], x["bytes"]):
             raise IntegrityError(f"{root.uri(x['file'])}: does not match what its task wrote")
+    files = [{"name": posixpath.basename(x["file"]), "bytes": x["bytes"], "sha256": x["sha256"]} for x in results]
+    digest = root.write_manifest(folder, files, **meta)
+    for x in results:
+        with contextlib.suppress(OSError):
+            root.remove(part_of(x["file"]) + ".json")
     if root.local:
         with contextlib.suppress(OSError):
             os.rmdir(root.path(posixpath.join(folder, PARTS)))
-    files = [{"name": posixpath.basename(x["file"]), "bytes": x["bytes"], "sha256": x["sha256"]} for x in results]
-    return root.write_manifest(folder, files, **meta)
+    return digest

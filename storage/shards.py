@@ -11,14 +11,15 @@ import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.errors import IntegrityError
-from storage.images import decode_members
-from storage.root import Root, sha256_file
+from pixelsim.storage.errors import IntegrityError
+from pixelsim.storage.images import decode_members
+from pixelsim.storage.root import Root, sha256_file
 
 META_KEY = b"pixelsim"
 
@@ -37,8 +38,14 @@ class ShardMeta:
                             "label": "class name", "label_index": "index into classes"}}
 
 
-def shard_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.parquet"
+class Member(NamedTuple):
+    """One image file of a shard, as the unpacking index has it."""
+
+    path: str
+    label: int       # index into the classes
+    sha256: str
+    size: int
+    offset: int      # in the members blob
 
 
 def write_shard(path: str, meta: ShardMeta, paths: list[str], labels: np.ndarray, images: np.ndarray) -> None:
@@ -56,15 +63,15 @@ def write_shard(path: str, meta: ShardMeta, paths: list[str], labels: np.ndarray
     pq.write_table(table, path, compression="zstd", row_group_size=max(n, 1))
 
 
-def member_bytes(root: Root, blob: str, files: list[list]) -> list[bytes]:
-    """The bytes of plan entries [path, label, sha256, size, offset] in the members `blob`."""
-    return root.read_ranges(blob, [(f[4], f[3]) for f in files])
+def member_bytes(root: Root, blob: str, files: list[Member]) -> list[bytes]:
+    """The bytes of these members in the members `blob`."""
+    return root.read_ranges(blob, [(f.offset, f.size) for f in files])
 
 
-def build_shard(root: str, blob: str, files: list[list], dest: str, meta: ShardMeta, *,
+def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: ShardMeta, *,
                 channels: int = 1, resize: bool = False, skip_bad: bool = False) -> dict:
-    """Read one shard's members ([path, label, sha256, size, offset]) from the `blob` file,
-    check each against its digest, decode them and write the shard to `dest` (a part path).
+    """Read one shard's members from the `blob` file, check each against its digest, decode
+    them and write the shard to `dest` (a part path).
 
     The whole shard is one call with small arguments, so a process pool worker can do all of
     it (reads, hashing, decoding, Parquet) while importing only `storage`. With bad files and
@@ -72,15 +79,15 @@ def build_shard(root: str, blob: str, files: list[list], dest: str, meta: ShardM
     """
     r = Root(root)
     datas = member_bytes(r, blob, files)
-    images, good, errors = decode_members([(f[0], f[2], d) for f, d in zip(files, datas)],
+    images, good, errors = decode_members([(f.path, f.sha256, d) for f, d in zip(files, datas)],
                                           channels=channels, size=tuple(meta.shape[:2]), resize=resize)
     if errors and not skip_bad:
         return {"errors": errors}
     kept = [files[i] for i in good]
     pixels = np.stack(images) if images else np.zeros((0, *meta.shape), np.uint8)
-    labels = np.array([f[1] for f in kept], dtype=np.int64)
+    labels = np.array([f.label for f in kept], dtype=np.int64)
     with r.staged_file(dest) as tmp:
-        write_shard(tmp, meta, [f[0] for f in kept], labels, pixels)
+        write_shard(tmp, meta, [f.path for f in kept], labels, pixels)
         digest, size = sha256_file(tmp)
     return {"sha256": digest, "bytes": size, "rows": len(kept), "errors": errors,
             "counts": np.bincount(labels, minlength=len(meta.classes)).tolist()}

@@ -6,9 +6,9 @@ import os
 import httpx
 import fsspec
 
-from storage.errors import DownloadError
-from storage.fetch import _cause, redact  # _cause masks secrets a library echoes
-from storage.root import digest_json
+from pixelsim.storage.errors import DownloadError
+from pixelsim.storage.fetch import _cause, redact  # _cause masks secrets a library echoes
+from pixelsim.storage.root import digest_json
 
 
 def fingerprint(url: str, timeout: float = 5.0) -> dict:

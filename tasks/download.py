@@ -1,19 +1,21 @@
 """Step 1: fetch the dataset archive into the storage root, verified by size and checksum."""
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import posixpath
 import re
-import shutil
-import tempfile
 from urllib.parse import urlsplit
 
-from storage.archive import pack_folder
-from storage.fetch import Fetched, Pins, fetch, redact
-from storage.root import Root, publish_file
-from tasks.caching import step
+from pixelsim.storage import catalog
+from pixelsim.storage.archive import pack_folder
+from pixelsim.storage.cache import Outcome, reuse_or_build
+from pixelsim.storage.fetch import Fetched, Pins, fetch, redact
+from pixelsim.storage.root import Root
+from pixelsim.tasks.contracts import Archive
 
-VERSION = "1"
+VERSION = "2"
 
 
 def archive_name(url: str) -> str:
@@ -31,36 +33,38 @@ def dataset_name(url: str) -> str:
 
 
 def download_archive(url: str, root: str, pins: dict | None = None, attempts: int = 5,
-                     fingerprint: dict | None = None) -> dict:
-    """Fetch `url` and publish it content-addressed as archives/<sha256[:16]>/<name>.
-
-    `fingerprint` (remote size/etag/mtime) is unused here: it is part of the cache key so
-    that a changed file behind the same URL is fetched again.
-    """
+                     fingerprint: dict | None = None, refresh: bool = False) -> Outcome[Archive]:
+    """Fetch `url` into archives/<key>/<name>. A source pinned by sha256 is keyed by that digest
+    alone (the same bytes from any URL or path, e.g. the bundled copy in another checkout); any
+    other by the source, its fingerprint (remote size/etag/mtime, so a changed file behind the
+    same URL is fetched again) and its pins."""
     r = Root(root)
-    name = archive_name(url)
-    staging = r.path("archives") if r.local else None
-    if staging:
-        os.makedirs(staging, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".incoming-", dir=staging)
-    try:
-        if os.path.isdir(url):
-            got = _pack(url, os.path.join(tmp_dir, f"{name}.tar"), Pins(**(pins or {})))
-            name = f"{name}.tar"
-        else:
-            got = fetch(url, os.path.join(tmp_dir, name), pins=Pins(**(pins or {})), attempts=attempts)
-        rel = f"archives/{got.sha256[:16]}/{name}"
-        publish_file(r, got.path, rel)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-    return {"root": root, "file": rel, "url": redact(url), "sha256": got.sha256, "bytes": got.size,
-            "md5_head": got.md5_head}
+    shown = redact(url)
+    pinned = (pins or {}).get("sha256")
+    inputs = ["sha256", pinned.lower()] if pinned else [shown, fingerprint or {}, pins or {}]
+    rel = catalog.archive_dir(catalog.step_key("download", VERSION, *inputs))
+
+    def build() -> Archive:
+        name = archive_name(url)
+        with r.publish_dir(rel) as st:
+            if os.path.isdir(url):
+                name = f"{name}.tar"
+                got = _pack(url, st.file(name), Pins(**(pins or {})))
+            else:
+                got = fetch(url, st.file(name), pins=Pins(**(pins or {})), attempts=attempts)
+            st.add(name, sha256=got.sha256, size=got.size)
+            out = Archive(root=root, dir=rel, digest="", file=f"{rel}/{name}", url=shown, sha256=got.sha256,
+                          bytes=got.size, md5_head=got.md5_head)
+            st.meta["record"] = out.record()
+        return dataclasses.replace(out, digest=st.digest)
+
+    return reuse_or_build(r, rel, lambda: Archive.load(root, rel), build, refresh=refresh)
 
 
 def _pack(folder: str, dest: str, pins: Pins) -> Fetched:
     """An extracted local folder becomes a deterministic tar, then is checked like a download."""
-    pack_folder(folder, dest)
-    return fetch(dest, dest + ".checked", pins=pins, attempts=1)
-
-
-download = step("download", VERSION)(download_archive)
+    pack_folder(folder, dest + ".packed")
+    try:
+        return fetch(dest + ".packed", dest, pins=pins, attempts=1)
+    finally:
+        os.remove(dest + ".packed")

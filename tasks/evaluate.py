@@ -1,6 +1,7 @@
 """Step 5: classify every validation image by its nearest template, by L1 and by RMSE."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import posixpath
 from typing import TYPE_CHECKING
@@ -8,17 +9,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
-from storage.artifacts import TEMPLATES, read_templates, write_predictions
-from storage.root import Root, digest_json, part_of, publish_parts, sha256_bytes, sha256_file
-from storage.shards import iter_arrays
-from tasks.caching import step
-from tasks.templates import block_rows, torch_device
+from pixelsim.storage import catalog
+from pixelsim.storage.artifacts import TEMPLATES, read_templates, write_predictions
+from pixelsim.storage.cache import Outcome, load_part, record_part, reuse_or_build
+from pixelsim.storage.root import Root, part_of, publish_parts, sha256_bytes, sha256_file
+from pixelsim.storage.shards import iter_arrays
+from pixelsim.tasks.contracts import METRICS, EvalJob, EvalPlan, Evaluation, Part, ShardSet, Templates
+from pixelsim.tasks.templates import block_rows, torch_device
 
 if TYPE_CHECKING:  # torch is imported where it is used: 2 s that a fully cached run never pays
     import torch
 
-VERSION = "3"
-METRICS = ("l1", "rmse")
+VERSION = "4"
 
 
 def distances(x: torch.Tensor, templates: torch.Tensor, metric: str) -> torch.Tensor:
@@ -99,62 +101,67 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) 
     return confusion
 
 
-def evaluation_dir(shards: dict, templates: dict) -> str:
-    return f"evaluations/{digest_json([shards['digest'], templates['digest'], VERSION])[:16]}"
+def plan_evaluation(shards: ShardSet, templates: Templates, device: str = "cpu") -> EvalPlan:
+    """One job per validation shard, into a folder keyed by the shards and templates it compares."""
+    rel = catalog.evaluation_dir(shards.dataset, catalog.step_key("evaluate", VERSION, shards.digest,
+                                                                  templates.digest))
+    jobs = tuple(EvalJob(root=shards.root, dir=rel, name=f"evaluate-{i:05d}", dataset=shards.dataset, shard=shard,
+                         sha256=shards.sha256[shard], templates=templates, device=device)
+                 for i, shard in enumerate(shards.shards["valid"]))
+    return EvalPlan(dir=rel, jobs=jobs)
 
 
-def evaluate_shard(shard: str, sha256: str, templates: dict, out_dir: str, root: str, device: str = "cpu") -> dict:
+def evaluate_shard(job: EvalJob, refresh: bool = False) -> Outcome[Part]:
     """Predict one validation shard by both distances; publish its predictions part file."""
-    import torch
+    r = Root(job.root)
+    rel = catalog.predictions_file(job.dir, job.shard)
 
-    dev = torch_device(device)
-    r = Root(root)
-    classes, means, _ = read_templates(r, posixpath.join(templates["dir"], TEMPLATES))
-    t = torch.from_numpy(np.array(means)).to(dev)
-    (batch,) = iter_arrays(r, [shard], ("path", "label_index", "image"), sha256={shard: sha256})
-    d = image_distances(torch.from_numpy(batch["image"]), t)
-    labels = batch["label_index"].astype(np.int64)
-    preds, best_d, confusion = [], [], {}
-    for m in METRICS:
-        best = d[m].argmin(dim=1)
-        pred = best.cpu().numpy()
-        confusion[m] = confusion_matrix(labels, pred, len(classes)).tolist()
-        preds.append(pred)
-        best_d.append(d[m].gather(1, best[:, None])[:, 0].cpu().numpy())
-    # Arrow arrays straight from numpy (no Python object per row); the file is the same.
-    k, names, paths = len(METRICS), pa.array(classes, pa.string()), pa.array(batch["path"], pa.string())
-    cols = {"path": pa.concat_arrays([paths] * k),
-            "label": names.take(np.tile(labels, k)),
-            "metric": pa.array(METRICS, pa.string()).take(np.repeat(np.arange(k), len(labels))),
-            "predicted": names.take(np.concatenate(preds)),
-            "correct": np.concatenate([p == labels for p in preds]),
-            "distance": np.concatenate(best_d),
-            "distances": np.concatenate([d[m].cpu().numpy() for m in METRICS])}
-    rel = f"{out_dir}/predictions-{posixpath.basename(shard).removesuffix('.parquet')}.parquet"
-    with r.staged_file(part_of(rel)) as tmp:
-        write_predictions(tmp, cols)
-        digest, size = sha256_file(tmp)
-    return {"root": root, "file": rel, "sha256": digest, "bytes": size, "confusion": confusion}
+    def build() -> Part:
+        import torch
+
+        dev = torch_device(job.device)
+        classes, means, _ = read_templates(r, posixpath.join(job.templates.dir, TEMPLATES))
+        t = torch.from_numpy(np.array(means)).to(dev)
+        (batch,) = iter_arrays(r, [job.shard], ("path", "label_index", "image"), sha256={job.shard: job.sha256})
+        d = image_distances(torch.from_numpy(batch["image"]), t)
+        labels = batch["label_index"].astype(np.int64)
+        preds, best_d, confusion = [], [], {}
+        for m in METRICS:
+            best = d[m].argmin(dim=1)
+            pred = best.cpu().numpy()
+            confusion[m] = confusion_matrix(labels, pred, len(classes)).tolist()
+            preds.append(pred)
+            best_d.append(d[m].gather(1, best[:, None])[:, 0].cpu().numpy())
+        # Arrow arrays straight from numpy (no Python object per row); the file is the same.
+        k, names, paths = len(METRICS), pa.array(classes, pa.string()), pa.array(batch["path"], pa.string())
+        cols = {"path": pa.concat_arrays([paths] * k),
+                "label": names.take(np.tile(labels, k)),
+                "metric": pa.array(METRICS, pa.string()).take(np.repeat(np.arange(k), len(labels))),
+                "predicted": names.take(np.concatenate(preds)),
+                "correct": np.concatenate([p == labels for p in preds]),
+                "distance": np.concatenate(best_d),
+                "distances": np.concatenate([d[m].cpu().numpy() for m in METRICS])}
+        with r.staged_file(part_of(rel)) as tmp:
+            write_predictions(tmp, cols, scope={"dataset": job.dataset, "key": catalog.key_of(job.dir)})
+            digest, size = sha256_file(tmp)
+        part = Part(file=rel, sha256=digest, bytes=size, split="valid", rows=len(labels), confusion=confusion)
+        record_part(r, rel, part.to_dict())
+        return part
+
+    return reuse_or_build(r, rel, lambda: Part.from_dict(load_part(r, rel)), build, refresh=refresh)
 
 
-def finish_evaluation(out_dir: str, classes: list[str], results: list[dict], root: str) -> dict:
+def finish_evaluation(plan: EvalPlan, templates: Templates, parts: list[Part]) -> Evaluation:
     """Sum the shards' confusion matrices into metrics; publish _metrics.json and the manifest."""
-    r = Root(root)
-    metrics = {m: accuracy(sum(np.array(x["confusion"][m]) for x in results)) for m in METRICS}
+    r, classes = Root(templates.root), list(templates.classes)
+    metrics = {m: accuracy(sum(np.array(x.confusion[m]) for x in parts)) for m in METRICS}
     body = json.dumps({"classes": classes, "metrics": metrics}, indent=2).encode()
-    r.write_bytes_atomic(f"{out_dir}/_metrics.json", body)
-    metrics_file = {"file": f"{out_dir}/_metrics.json", "bytes": len(body), "sha256": sha256_bytes(body)}
-    digest = publish_parts(r, out_dir, [*results, metrics_file], classes=classes)
-    return {"root": root, "dir": out_dir, "digest": digest, "classes": classes, "metrics": metrics,
-            "predictions": f"{out_dir}/predictions-*.parquet"}
-
-
-def evaluate_templates(shards: dict, templates: dict, root: str, device: str = "cpu") -> dict:
-    """Every validation shard without Prefect (benchmarks, scripts)."""
-    out_dir = evaluation_dir(shards, templates)
-    results = [evaluate_shard(s, shards["sha256"][s], templates, out_dir, root, device)
-               for s in shards["shards"]["valid"]]
-    return finish_evaluation(out_dir, templates["classes"], results, root)
-
-
-evaluate = step("evaluate", VERSION)(evaluate_shard)
+    metrics_rel = catalog.metrics_file(plan.dir)
+    r.write_bytes_atomic(metrics_rel, body)
+    metrics_file = {"file": metrics_rel, "bytes": len(body), "sha256": sha256_bytes(body)}
+    out = Evaluation(root=templates.root, dir=plan.dir, digest="", dataset=templates.dataset, classes=classes,
+                     metrics=metrics, predictions=catalog.predictions_glob(plan.dir),
+                     parts={posixpath.basename(x.file): x.to_dict() for x in parts})
+    digest = publish_parts(r, plan.dir, [*(x.to_dict() for x in parts), metrics_file], record=out.record(),
+                           classes=classes)
+    return dataclasses.replace(out, digest=digest)

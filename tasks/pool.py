@@ -44,7 +44,7 @@ def pool() -> Executor | None:
             # forkserver: no fork of a process running Prefect's threads; workers preload only
             # storage (numpy, pyarrow, Pillow, pyspng), about 0.5 s once.
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["storage.shards"])
+            ctx.set_forkserver_preload(["pixelsim.storage.shards"])
             _pool = ProcessPoolExecutor(n, mp_context=ctx)
         return _pool
 

@@ -1,12 +1,16 @@
 """Step 6: the accuracy report, as JSON for machines, Markdown and a self-contained HTML page for people."""
 from __future__ import annotations
 
-from storage.artifacts import TEMPLATES, confusion_csv
-from storage.html import render_report, report_pictures
-from storage.root import Root, digest_json
-from tasks.caching import step
+import dataclasses
 
-VERSION = "3"
+from pixelsim.storage import catalog
+from pixelsim.storage.artifacts import TEMPLATES, confusion_csv
+from pixelsim.storage.cache import Outcome, reuse_or_build
+from pixelsim.storage.html import render_report, report_pictures
+from pixelsim.storage.root import Root
+from pixelsim.tasks.contracts import Evaluation, Report, ShardSet, Templates
+
+VERSION = "4"
 PLACES = 4
 
 
@@ -14,30 +18,30 @@ def _r(x: float | None) -> float | None:
     return None if x is None else round(x, PLACES)
 
 
-def build_report(dataset: str, source: dict, shards: dict, templates: dict, evaluation: dict,
+def build_report(source: dict, shards: ShardSet, templates: Templates, evaluation: Evaluation,
                  metric: str, notes: list[str], report_dir: str) -> dict:
     """The report JSON: figures rounded to 4 places, confusion rows are true classes."""
-    classes = evaluation["classes"]
-    root = Root(shards["root"])
+    classes = evaluation.classes
+    root = Root(shards.root)
     metrics = {}
-    for name, m in evaluation["metrics"].items():
+    for name, m in evaluation.metrics.items():
         metrics[name] = {"per_class": {c: _r(a) for c, a in zip(classes, m["per_class"])},
                          "balanced": _r(m["balanced"]), "overall": _r(m["overall"]),
                          "confusion": m["confusion"]}
     return {
-        "dataset": dataset,
+        "dataset": shards.dataset,
         "source": source,
         "classes": classes,
-        "counts": shards["counts"],
-        "shape": shards["shape"],
+        "counts": shards.counts,
+        "shape": shards.shape,
         "metric": metric,
         "metrics": metrics,
         "notes": notes,
-        "skipped": shards.get("skipped", []),
+        "skipped": shards.skipped,
         "artifacts": {
-            "shards": root.uri(shards["dir"]),
-            "templates": root.uri(templates["dir"]),
-            "predictions": root.uri(evaluation["predictions"]),
+            "shards": root.uri(shards.dir),
+            "templates": root.uri(templates.dir),
+            "predictions": root.uri(evaluation.predictions),
             "report": root.uri(report_dir),
         },
     }
@@ -74,20 +78,24 @@ def render_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
-def write_report(dataset: str, source: dict, shards: dict, templates: dict, evaluation: dict,
-                 metric: str, notes: list[str], root: str) -> dict:
+def write_report(source: dict, shards: ShardSet, templates: Templates, evaluation: Evaluation,
+                 metric: str, notes: list[str], refresh: bool = False) -> Outcome[Report]:
     """Publish reports/<dataset>/<key>/ with report.json, report.md, report.html and confusion-<metric>.csv."""
-    r = Root(root)
-    rel = f"reports/{dataset}/{digest_json([source, evaluation['digest'], metric, notes, VERSION])[:16]}"
-    report = build_report(dataset, source, shards, templates, evaluation, metric, notes, rel)
-    pictures = report_pictures(r, f"{templates['dir']}/{TEMPLATES}", evaluation["dir"], shards["shards"]["valid"])
-    with r.publish_dir(rel) as st:
-        st.write_json("report.json", report)
-        st.write_bytes("report.md", render_markdown(report).encode())
-        st.write_bytes("report.html", render_report(report, pictures).encode())
-        for name, m in report["metrics"].items():
-            st.write_bytes(f"confusion-{name}.csv", confusion_csv(report["classes"], m["confusion"]))
-    return {"root": root, "dir": rel, "digest": st.digest, "report": report}
+    r = Root(shards.root)
+    rel = catalog.report_dir(shards.dataset, catalog.step_key("report", VERSION, source, evaluation.digest,
+                                                              metric, notes))
 
+    def build() -> Report:
+        report = build_report(source, shards, templates, evaluation, metric, notes, rel)
+        pictures = report_pictures(r, f"{templates.dir}/{TEMPLATES}", evaluation.dir, shards.shards["valid"])
+        out = Report(root=shards.root, dir=rel, digest="", report=report)
+        with r.publish_dir(rel) as st:
+            st.write_json(Report.FILE, report)
+            st.write_bytes("report.md", render_markdown(report).encode())
+            st.write_bytes("report.html", render_report(report, pictures).encode())
+            for name, m in report["metrics"].items():
+                st.write_bytes(f"confusion-{name}.csv", confusion_csv(report["classes"], m["confusion"]))
+            st.meta["record"] = out.record()
+        return dataclasses.replace(out, digest=st.digest)
 
-report = step("report", VERSION)(write_report)
+    return reuse_or_build(r, rel, lambda: Report.load(shards.root, rel), build, refresh=refresh)

@@ -1,21 +1,24 @@
 """Step 4: the per-class mean image ("template"), streamed over the training shards."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from storage.artifacts import write_templates
-from storage.errors import PixelsimError
-from storage.root import Root, digest_json
-from storage.shards import iter_arrays
-from tasks.caching import step
+from pixelsim.storage import catalog
+from pixelsim.storage.artifacts import write_templates
+from pixelsim.storage.cache import Outcome, reuse_or_build
+from pixelsim.storage.errors import PixelsimError
+from pixelsim.storage.root import Root
+from pixelsim.storage.shards import iter_arrays
+from pixelsim.tasks.contracts import ShardSet, Templates
 
 if TYPE_CHECKING:  # torch is imported where it is used: 2 s that a fully cached run never pays
     import torch
 
-VERSION = "2"
+VERSION = "3"
 # Bytes of one float temporary on the CPU: a block of rows this size stays in cache while
 # it is converted, subtracted and reduced (measured ~4x faster than whole shards at 28x28).
 BLOCK_BYTES = 4 << 20
@@ -89,18 +92,20 @@ def class_means(batches: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int
     return means.float().cpu().numpy(), counts.cpu().numpy().astype(np.int64)
 
 
-def compute_templates(shards: dict, root: str, device: str = "cpu") -> dict:
-    """Write templates/<key>/templates.parquet and <class>.png."""
-    torch_device(device)
-    r = Root(root)
-    batches = ((b["label_index"], b["image"]) for b in iter_arrays(r, shards["shards"]["train"], sha256=shards["sha256"]))
-    means, counts = class_means(batches, len(shards["classes"]), device)
-    rel = f"templates/{digest_json([shards['digest'], VERSION])[:16]}"
-    with r.publish_dir(rel) as st:
-        write_templates(st, shards["classes"], counts.tolist(), means, tuple(shards["shape"]))
-        st.meta.update(classes=shards["classes"], shape=shards["shape"], shards_digest=shards["digest"])
-    return {"root": root, "dir": rel, "digest": st.digest, "classes": shards["classes"],
-            "counts": dict(zip(shards["classes"], counts.tolist()))}
+def compute_templates(shards: ShardSet, device: str = "cpu", refresh: bool = False) -> Outcome[Templates]:
+    """Write templates/<dataset>/<key>/templates.parquet and <class>.png."""
+    r = Root(shards.root)
+    rel = catalog.templates_dir(shards.dataset, catalog.step_key("templates", VERSION, shards.digest))
 
+    def build() -> Templates:
+        batches = ((b["label_index"], b["image"]) for b in iter_arrays(r, shards.shards["train"], sha256=shards.sha256))
+        means, counts = class_means(batches, len(shards.classes), device)
+        out = Templates(root=shards.root, dir=rel, digest="", dataset=shards.dataset, classes=list(shards.classes),
+                        counts=dict(zip(shards.classes, counts.tolist())))
+        with r.publish_dir(rel) as st:
+            write_templates(st, shards.classes, counts.tolist(), means, tuple(shards.shape),
+                            scope={"dataset": shards.dataset, "key": out.key})
+            st.meta.update(record=out.record(), shape=shards.shape, shards_digest=shards.digest)
+        return dataclasses.replace(out, digest=st.digest)
 
-templates = step("templates", VERSION)(compute_templates)
+    return reuse_or_build(r, rel, lambda: Templates.load(shards.root, rel), build, refresh=refresh)

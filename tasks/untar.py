@@ -1,28 +1,32 @@
-"""Step 2: unpack the archive safely into extracted/<archive-sha256[:16]>/: every regular
-file's bytes in one members.bin, indexed by members.parquet (path, offset, size, sha256)."""
+"""Step 2: unpack the archive safely into extracted/<key>/: every regular file's bytes in one
+members.bin, indexed by members.parquet (path, offset, size, sha256)."""
 from __future__ import annotations
 
-from storage.archive import BLOB, INDEX, Caps, pack
-from storage.root import Root
-from tasks.caching import step
+import dataclasses
 
-VERSION = "3"
+from pixelsim.storage import catalog
+from pixelsim.storage.archive import BLOB, INDEX, Caps, pack
+from pixelsim.storage.cache import Outcome, reuse_or_build
+from pixelsim.storage.root import Root
+from pixelsim.tasks.contracts import Archive, Tree
+
+VERSION = "4"
 
 
-def untar_archive(archive: dict, root: str, max_members: int = Caps.max_members,
-                  max_bytes: int = Caps.max_total_bytes) -> dict:
+def untar_archive(archive: Archive, max_members: int = Caps.max_members,
+                  max_bytes: int = Caps.max_total_bytes, refresh: bool = False) -> Outcome[Tree]:
     """Unpack into a staging folder published by rename, with the archive's folders in its manifest."""
-    r = Root(root)
-    rel = f"extracted/{archive['sha256'][:16]}"
+    r = Root(archive.root)
     caps = Caps(max_members=max_members, max_total_bytes=max_bytes)
-    with r.local_file(archive["file"]) as local, r.publish_dir(rel) as st:
-        packed = pack(local, st.path, caps=caps)
-        st.add(BLOB, sha256=packed.sha256, size=packed.bytes)
-        st.add(INDEX)
-        st.meta.update(archive_sha256=archive["sha256"], dirs=packed.dirs, members=packed.files)
-    # members are re-hashed by convert as it reads them, so a cache-hit check of sizes suffices
-    return {"root": root, "dir": rel, "digest": st.digest, "deep": False, "files": packed.files,
-            "archive_sha256": archive["sha256"]}
+    rel = catalog.tree_dir(catalog.step_key("untar", VERSION, archive.sha256, caps.__dict__))
 
+    def build() -> Tree:
+        with r.local_file(archive.file) as local, r.publish_dir(rel) as st:
+            packed = pack(local, st.path, caps=caps)
+            st.add(BLOB, sha256=packed.sha256, size=packed.bytes)
+            st.add(INDEX)
+            out = Tree(root=archive.root, dir=rel, digest="", files=packed.files, archive_sha256=archive.sha256)
+            st.meta.update(record=out.record(), dirs=packed.dirs)
+        return dataclasses.replace(out, digest=st.digest)
 
-untar = step("untar", VERSION)(untar_archive)
+    return reuse_or_build(r, rel, lambda: Tree.load(archive.root, rel), build, refresh=refresh)

@@ -164,26 +164,11 @@ class Quiet(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def plain_pipeline(root: str, source: Path = TINY, dataset: str = "tiny", shard_size: int = 300) -> dict:
-    """Every step's plain function chained, without Prefect; returns each step's output."""
-    from storage.layout import find_layout
-    from storage.root import Root
-    from tasks.convert import convert_tree, tree_entries
-    from tasks.download import download_archive
-    from tasks.evaluate import evaluate_templates
-    from tasks.report import write_report
-    from tasks.templates import compute_templates
-    from tasks.untar import untar_archive
+def plain_pipeline(root: str, source: Path = TINY, dataset: str = "tiny", shard_size: int = 300, **options):
+    """The whole pipeline without Prefect (the API's plain runner); returns the RunResult."""
+    import pixelsim
 
-    archive = download_archive(str(source), root)
-    tree = untar_archive(archive, root)
-    lay = find_layout(list(tree_entries(Root(root), tree)))
-    shards = convert_tree(tree, lay.to_dict(), dataset, root, shard_size=shard_size)
-    tmpl = compute_templates(shards, root)
-    ev = evaluate_templates(shards, tmpl, root)
-    rep = write_report(dataset, {"url": archive["url"], "sha256": archive["sha256"]}, shards, tmpl, ev, "l1",
-                       lay.notes, root)
-    return {"archive": archive, "tree": tree, "shards": shards, "templates": tmpl, "evaluation": ev, "report": rep}
+    return pixelsim.run(dataset=dataset, source=str(source), root=root, shard_size=shard_size, **options)
 
 
 def assert_figures(report: dict, figures: dict) -> None:

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import PROJECT, TINY, TINY_FIGURES, Cli, base_env
-from storage.history import HISTORY, append_run, history_rows, read_history
-from storage.root import Root
+from pixelsim.storage.history import HISTORY, append_run, history_rows, read_history
+from pixelsim.storage.root import Root
 
 README = (PROJECT / "README.md").read_text()
 STEPS = ["download", "untar", "convert", "templates", "evaluate", "report"]
@@ -105,7 +105,7 @@ def test_show_latest_by_prefix_and_by_folder(runs):
 def test_show_needs_no_prefect(runs, tmp_path):
     """No server, no PREFECT_API_URL, and Prefect is never even imported."""
     cli, _, _ = runs
-    code = ("import sys; from flows.cli import main; rc = main(['show', '--root', sys.argv[1]]); "
+    code = ("import sys; from pixelsim.flows.cli import main; rc = main(['show', '--root', sys.argv[1]]); "
             "assert 'prefect' not in sys.modules, 'prefect imported'; sys.exit(rc)")
     p = subprocess.run([sys.executable, "-c", code, str(cli.root)], env=base_env(tmp_path / "home"),
                        capture_output=True, text=True, timeout=60, cwd=PROJECT)
@@ -172,7 +172,7 @@ def test_history_rows_table_equals_pyarrow_from_python_objects():
     """rows_table goes through Arrow's JSON reader (no pandas import); it must build the same table."""
     import pyarrow as pa
 
-    from storage.history import SCHEMA, rows_table
+    from pixelsim.storage.history import SCHEMA, rows_table
     plus2 = timezone(timedelta(hours=2))
     rows = [{"run_id": "r-1", "time": datetime(2026, 11, 29, 10, 56, 32, 123456, tzinfo=plus2), "dataset": "dígits",
              "source_url": None, "source_sha256": "ab" * 32, "metric": m, "headline": m == "l1", "balanced": 0.5,

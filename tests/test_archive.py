@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.archive import BLOB as PACK_BLOB
-from storage.archive import (
+from pixelsim.storage.archive import BLOB as PACK_BLOB
+from pixelsim.storage.archive import (
     INDEX,
     Caps,
     Member,
@@ -28,7 +28,7 @@ from storage.archive import (
     pack,
     read_index,
 )
-from storage.errors import ArchiveError
+from pixelsim.storage.errors import ArchiveError
 
 MNIST_TINY = Path(__file__).parent / "data" / "mnist_tiny.tgz"
 UMASK = os.umask(0)
@@ -440,17 +440,19 @@ def test_zip_setuid_mode_is_dropped(tmp_path: Path) -> None:
 
 
 def test_untar_step_publishes_nothing_when_a_member_is_refused(tmp_path: Path, sentinel: Path) -> None:
-    from tasks.untar import untar_archive
+    from pixelsim.tasks.contracts import Archive
+    from pixelsim.tasks.untar import untar_archive
 
     archive = write_tar(tmp_path / "in.tgz", [tinfo("ds/a.txt", b"ok"),
                                               _special("ds/link", tarfile.SYMTYPE, "../../outside.txt")])
     root = tmp_path / "root"
-    desc = {"root": str(root), "file": "in.tgz", "sha256": "ab" * 32}
+    desc = Archive(root=str(root), dir="", digest="", file="in.tgz", sha256="ab" * 32)
     root.mkdir()
     os.replace(archive, root / "in.tgz")
     with pytest.raises(ArchiveError, match="'ds/link'.*symlinks"):
-        untar_archive(desc, str(root))
-    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["extracted", "in.tgz"]
+        untar_archive(desc)
+    # nothing but the (released) step locks' folder beside the input
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == ["_locks", "extracted", "in.tgz"]
     assert (tmp_path / "outside.txt").read_bytes() == b"do not touch\n"
 
 

@@ -10,9 +10,9 @@ def test_bench_sections_run_and_render(tmp_path):
     root, tree = tmp_path / "root-B", tmp_path / "seed-tree"
     B, _ = bench.worker("steps", {"data": str(TINY), "root": str(root)}, tmp_path / "B")
     A0, _ = bench.worker("extract", {"data": str(TINY), "dest": str(tree)}, tmp_path / "A0")
-    A, proc = bench.worker("seed", {"base": str(tree / B["layout"]["base"])}, tmp_path / "A")
+    A, proc = bench.worker("seed", {"base": str(tree / B["layout_base"])}, tmp_path / "A")
     assert A["accuracy"] == B["accuracy"]  # the seed script and pixelsim agree to the bit
-    assert set(B["steps"]) == {"download", "untar", "layout", "convert", "templates", "evaluate", "report"}
+    assert set(B["steps"]) == {"download", "untar", "convert", "templates", "evaluate", "report"}
     F, _ = bench.worker("decode", {"root": str(root), "seed_tree": str(tree), **B}, tmp_path / "F")
     assert F["same_pixels"] and F["images"] == sum(B["shards"]["counts"]["train"].values())
     G = bench.scale(3000, tmp_path, tmp_path)

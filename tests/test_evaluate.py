@@ -10,12 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import tasks.templates as templates_mod
-from storage.errors import PixelsimError
-from storage.root import Root
-from storage.shards import ShardMeta, iter_arrays, write_shard
-from tasks.evaluate import METRICS, distances, evaluate_shard, image_distances, row_blocks
-from tasks.templates import class_means, compute_templates, torch_device
+import pixelsim.tasks.templates as templates_mod
+from pixelsim.storage.errors import PixelsimError
+from pixelsim.storage.root import Root
+from pixelsim.storage.shards import ShardMeta, iter_arrays, write_shard
+from pixelsim.tasks.contracts import EvalJob, ShardSet, Templates
+from pixelsim.tasks.evaluate import METRICS, distances, evaluate_shard, image_distances, row_blocks
+from pixelsim.tasks.templates import class_means, compute_templates, torch_device
 
 
 def reference(x: torch.Tensor, t: torch.Tensor, metric: str) -> torch.Tensor:
@@ -128,34 +129,49 @@ def old_predictions(classes, paths, labels, images, t) -> pa.Table:
 def test_predictions_file_reads_back_as_before(tmp_path, small_blocks, n_classes):
     classes = [f"c{i}" for i in range(n_classes)]
     root = str(tmp_path)
-    shards = {"classes": classes, "shape": [28, 28], "digest": "test", "shards": {}, "sha256": {}}
+    files, digests = {}, {}
     for split, n, seed in (("train", 120, 3), ("valid", 101, 4)):
         labels, images = mnist_like(n, n_classes, seed)
         rel = f"shards/{split}-00000-of-00001.parquet"
         (tmp_path / "shards").mkdir(exist_ok=True)
         write_shard(str(tmp_path / rel), ShardMeta((28, 28), classes, split, "0" * 64),
                     [f"{split}/{classes[c]}/{i}.png" for i, c in enumerate(labels)], labels, images)
-        shards["shards"][split] = [rel]
-        shards["sha256"][rel] = hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()
-    tmpl = compute_templates(shards, root)
-    valid = shards["shards"]["valid"][0]
-    out = evaluate_shard(valid, shards["sha256"][valid], tmpl, "evaluations/x", root)
+        files[split] = [rel]
+        digests[rel] = hashlib.sha256((tmp_path / rel).read_bytes()).hexdigest()
+    shards = ShardSet(root=root, dir="shards", digest="test", dataset="ds", classes=classes, shape=[28, 28],
+                      shards=files, sha256=digests)
+    tmpl = compute_templates(shards).value
+    valid = shards.shards["valid"][0]
+    job = EvalJob(root=root, dir="evaluations/ds/x", name="evaluate-00000", dataset="ds", shard=valid,
+                  sha256=digests[valid], templates=tmpl)
+    out = evaluate_shard(job).value
     (batch,) = iter_arrays(Root(root), [valid], ("path", "label_index", "image"))
-    means = pq.read_table(tmp_path / tmpl["dir"] / "templates.parquet").column("template").combine_chunks()
+    means = pq.read_table(tmp_path / tmpl.dir / "templates.parquet").column("template").combine_chunks()
     t = torch.from_numpy(means.values.to_numpy().reshape(n_classes, -1).copy())
     want = old_predictions(classes, batch["path"], batch["label_index"].astype(np.int64), batch["image"], t)
 
-    files = list((tmp_path / "evaluations" / "x").rglob("predictions-*.parquet"))
-    assert len(files) == 1 and files[0].stat().st_size == out["bytes"]
-    got = pq.read_table(files[0])
+    found = list((tmp_path / "evaluations" / "ds" / "x").rglob("predictions-*.parquet"))
+    assert len(found) == 1 and found[0].stat().st_size == out.bytes
+    got = pq.read_table(found[0])
+    # each row says which output it belongs to, so a glob over several folders can be told apart
+    assert got.column_names[:2] == ["dataset", "key"]
+    assert set(got.column("dataset").to_pylist()) == {"ds"} and set(got.column("key").to_pylist()) == {"x"}
+    got = got.drop_columns(["dataset", "key"])
     assert got.schema == want.schema            # plain strings, not dictionaries: readers see no change
     df, ref = got.to_pandas(), want.to_pandas()
     pd.testing.assert_frame_equal(df.drop(columns="distances"), ref.drop(columns="distances"), check_exact=True)
     assert np.array_equal(np.stack(df["distances"]), np.stack(ref["distances"]))
     assert not isinstance(df["label"].dtype, pd.CategoricalDtype)
     assert df["metric"].tolist() == ["l1"] * 101 + ["rmse"] * 101
-    assert out["confusion"]["l1"] == pd.crosstab(ref.label[:101], ref.predicted[:101]).reindex(
+    assert out.confusion["l1"] == pd.crosstab(ref.label[:101], ref.predicted[:101]).reindex(
         index=classes, columns=classes, fill_value=0).values.tolist()
+
+
+def nowhere(tmp_path, device: str) -> EvalJob:
+    """A job whose inputs do not even exist: the device is checked before anything is read."""
+    tmpl = Templates(root=str(tmp_path), dir="nowhere", digest="x", dataset="ds", classes=["a", "b"])
+    return EvalJob(root=str(tmp_path), dir="out", name="evaluate-00000", dataset="ds", shard="missing.parquet",
+                   sha256="0" * 64, templates=tmpl, device=device)
 
 
 def test_device_cpu_is_the_default_and_accepted():
@@ -169,7 +185,7 @@ def test_cuda_without_a_gpu_fails_fast_with_the_fix(tmp_path):
         torch_device("cuda")
     # both steps check before they read anything (these inputs do not even exist)
     with pytest.raises(PixelsimError, match="--device cuda:1: torch sees no CUDA GPU"):
-        evaluate_shard("missing.parquet", "0" * 64, {"dir": "nowhere"}, "out", str(tmp_path), device="cuda:1")
+        evaluate_shard(nowhere(tmp_path, "cuda:1"))
     with pytest.raises(PixelsimError, match="--device cuda: torch sees no CUDA GPU"):
         class_means([], 3, device="cuda")
 
@@ -181,4 +197,4 @@ def test_unknown_device_names_fail_with_the_fix(tmp_path, name):
     with pytest.raises(PixelsimError, match=rf"^--device {name}: "):
         class_means([], 3, device=name)
     with pytest.raises(PixelsimError, match=rf"^--device {name}: "):
-        evaluate_shard("missing.parquet", "0" * 64, {"dir": "nowhere"}, "out", str(tmp_path), device=name)
+        evaluate_shard(nowhere(tmp_path, name))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.errors import ChecksumError, DownloadError, TransientDownloadError
-from storage.fetch import Fetched, Pins, fetch, redact, redirect_target, retry_after
+from pixelsim.storage.errors import ChecksumError, DownloadError, TransientDownloadError
+from pixelsim.storage.fetch import Fetched, Pins, fetch, redact, redirect_target, retry_after
 
 DATA = random.Random(0).randbytes(3 * 2**19)  # 1.5 MiB: md5_head differs from the full md5
 SHA = hashlib.sha256(DATA).hexdigest()

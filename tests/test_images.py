@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from storage import images
-from storage.errors import ImageError
-from storage.images import decode, decoder_name, encode_png
+from pixelsim.storage import images
+from pixelsim.storage.errors import ImageError
+from pixelsim.storage.images import decode, decoder_name, encode_png
 
 TINY = Path(__file__).parent / "data" / "mnist_tiny.tgz"
 RNG = np.random.default_rng(0)

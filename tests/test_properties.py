@@ -23,11 +23,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from storage import images
-from storage.archive import BLOB, INDEX, Member, extract, pack, read_index
-from storage.errors import ArchiveError, ImageError, IntegrityError, PixelsimError
-from storage.root import Root, verify_output
-from storage.shards import ShardMeta, iter_arrays, write_shard
+from pixelsim.storage import images
+from pixelsim.storage.archive import BLOB, INDEX, Member, extract, pack, read_index
+from pixelsim.storage.errors import ArchiveError, ImageError, IntegrityError, PixelsimError
+from pixelsim.storage.root import Root
+from pixelsim.tasks.contracts import Output
+from pixelsim.storage.shards import ShardMeta, iter_arrays, write_shard
 
 # bounded: the whole file runs in well under 30 s
 # Random examples on a workstation find new cases; CI replays a fixed set, so it cannot flake.
@@ -196,7 +197,7 @@ def shard(tmp_path_factory) -> tuple[Root, str, bytes, dict]:
     body = (base / rel).read_bytes()
     (batch,) = iter_arrays(root, [rel], sha256={rel: hashlib.sha256(body).hexdigest()})
     assert np.array_equal(batch["image"].reshape(8, 6, 5), pixels)
-    return root, rel, body, {"root": str(base), "dir": "shards/ds/k", "digest": stg.digest}
+    return root, rel, body, Output(root=str(base), dir="shards/ds/k", digest=stg.digest)
 
 
 @PROPERTY
@@ -210,7 +211,7 @@ def test_mutated_shard_is_an_integrity_error(shard, data) -> None:
         with pytest.raises(IntegrityError, match="train-00000-of-00001.parquet"):
             list(iter_arrays(root, [rel], sha256={rel: hashlib.sha256(body).hexdigest()}))
         with pytest.raises(IntegrityError):  # the manifest check a cache hit goes through
-            verify_output(desc)
+            desc.verify()
     finally:
         path.write_bytes(body)
 

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from conftest import PIXELSIM, TINY, TINY_FIGURES, Cli, Result, assert_figures, base_env
-from storage.root import MANIFEST, Root
+from pixelsim.storage.root import MANIFEST, Root
 
 TINY_BYTES = TINY.read_bytes()
 TINY_SHA = hashlib.sha256(TINY_BYTES).hexdigest()
@@ -161,16 +161,12 @@ def finished(stderr: str) -> list[tuple[str, str]]:
 
 
 def published_is_whole(root: Path) -> None:
-    """Everything under a final name is complete: folders match their manifests, archives
-    their content address."""
+    """Everything under a final name is complete: folders match their manifests."""
     r = Root(str(root))
     for manifest in root.rglob(MANIFEST):
         folder = manifest.parent.relative_to(root).as_posix()
         if ".tmp-" not in folder:
             r.verify(folder)
-    for archive in root.glob("archives/*/*"):
-        if archive.is_file() and not archive.parent.name.startswith("."):  # .incoming-*: a download's staging
-            assert hashlib.sha256(archive.read_bytes()).hexdigest()[:16] == archive.parent.name, archive
 
 
 def popen(cli: Cli, *args: str, env: dict | None = None) -> subprocess.Popen:
@@ -204,9 +200,11 @@ def test_body_cut_short_then_503_then_ok_still_gives_the_right_figures(cli, site
     assert [h.get("Range") for _, h in s.gets] == [None, f"bytes={half}-", f"bytes={half}-"]
     assert "failed (attempt 1/4): RemoteProtocolError" in r.stderr  # each retry is logged
     assert "failed (attempt 2/4): HTTP 503" in r.stderr
-    # nothing partial anywhere: one archive, under its content address
-    assert [p.relative_to(cli.root).as_posix() for p in (cli.root / "archives").rglob("*") if p.is_file()] == \
-        [f"archives/{TINY_SHA[:16]}/mnist_tiny.tgz"]
+    # nothing partial anywhere: one archive folder, its manifest listing the archive's bytes
+    (folder,) = (cli.root / "archives").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [MANIFEST, "mnist_tiny.tgz"]
+    assert [(f["name"], f["sha256"]) for f in Root(str(cli.root)).verify(f"archives/{folder.name}")["files"]] == \
+        [("mnist_tiny.tgz", TINY_SHA)]
 
 
 def test_404_fails_fast_naming_the_url(cli, site):
@@ -299,23 +297,24 @@ def test_truncated_shard_is_detected_and_rebuilt(cli, site):
 
 
 def test_an_image_changed_after_extraction_is_not_decoded(tmp_path):
-    from storage.errors import ImageError
-    from tasks.convert import read_image, read_members, tree_entries
-    from tasks.download import download_archive
-    from tasks.untar import untar_archive
+    from pixelsim.storage.errors import ImageError
+    from pixelsim.storage.shards import Member
+    from pixelsim.tasks.convert import read_image, read_members, tree_entries
+    from pixelsim.tasks.download import download_archive
+    from pixelsim.tasks.untar import untar_archive
 
     (tmp_path / "a.tgz").write_bytes(tgz(tiny_members(1)))
     root = str(tmp_path / "root")
-    tree = untar_archive(download_archive(str(tmp_path / "a.tgz"), root), root)
-    name, (offset, size, sha) = next(iter(tree_entries(Root(root), tree).items()))
-    entry = [name, 0, sha, size, offset]
-    (data,) = read_members(Root(root), tree, [entry])
+    tree = untar_archive(download_archive(str(tmp_path / "a.tgz"), root).value).value
+    name, (offset, size, sha) = next(iter(tree_entries(tree).items()))
+    entry = Member(name, 0, sha, size, offset)
+    (data,) = read_members(tree, [entry])
     assert read_image(data, entry, channels=1, size=None, resize=False).shape == (28, 28)
-    blob = Path(root) / tree["dir"] / "members.bin"
+    blob = Path(root) / tree.dir / "members.bin"
     with open(blob, "r+b") as f:  # the same length, other bytes: a bit flip on disk after unpacking
         f.seek(offset + size - 5)
         f.write(bytes(b ^ 0xFF for b in data[-5:]))
-    (changed,) = read_members(Root(root), tree, [entry])
+    (changed,) = read_members(tree, [entry])
     with pytest.raises(ImageError, match=f"{re.escape(name)}: changed since extraction"):
         read_image(changed, entry, channels=1, size=None, resize=False)
 
@@ -384,7 +383,7 @@ def test_simultaneous_runs_on_one_root_do_each_step_once(cli, site, tmp_path):
 
 
 def test_a_dead_holders_lock_is_broken_at_once(tmp_path):
-    from storage.locks import HOST, ExpiringLockManager
+    from pixelsim.storage.locks import HOST, ExpiringLockManager
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -400,7 +399,7 @@ def test_a_dead_holders_lock_is_broken_at_once(tmp_path):
 def test_a_lock_file_caught_mid_write_counts_as_held(tmp_path):
     """Prefect creates a lock file empty, then writes it: a concurrent run reading it in between
     must wait, not crash (seen as 'EOF while parsing' failures of simultaneous runs)."""
-    from storage.locks import ExpiringLockManager
+    from pixelsim.storage.locks import ExpiringLockManager
 
     m = ExpiringLockManager(tmp_path)
     path = tmp_path / "k.lock"
@@ -495,8 +494,8 @@ def test_credentials_never_leak_and_nothing_listens_beyond_loopback(tmp_path, si
 def test_fingerprint_errors_do_not_echo_credentials(monkeypatch):
     import fsspec
 
-    from storage import sources
-    from storage.errors import DownloadError
+    from pixelsim.storage import sources
+    from pixelsim.storage.errors import DownloadError
 
     def boom(url, **kw):  # a backend whose error message repeats the URL it was given
         raise RuntimeError(f"cannot reach {url}")
@@ -510,7 +509,7 @@ def test_fingerprint_errors_do_not_echo_credentials(monkeypatch):
 
 def test_local_dask_cluster_binds_loopback_only():
     pytest.importorskip("prefect_dask")
-    from flows.runners import task_runner
+    from pixelsim.flows.prefect_runner import task_runner
 
     runner = task_runner("dask", workers=1)
     assert runner.cluster_kwargs["host"] == "127.0.0.1" and runner.cluster_kwargs["dashboard_address"] is None

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import TINY_FIGURES, plain_pipeline
-from storage.artifacts import TEMPLATES, read_templates
-from storage.html import heatmap_window, render_report
-from storage.root import Root, verify_output
-from storage.shards import iter_arrays
+from pixelsim.storage.artifacts import TEMPLATES, read_templates
+from pixelsim.storage.html import heatmap_window, render_report
+from pixelsim.storage.root import Root
+from pixelsim.storage.shards import iter_arrays
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,8 @@ def tiny(tmp_path_factory):
     """The plain functions on the tiny archive; 300-image shards, so the valid split has 3 shards."""
     root = str(tmp_path_factory.mktemp("root"))
     out = plain_pipeline(root)
-    page = Path(out["report"]["report"]["artifacts"]["report"]) / "report.html"
-    return {"root": root, **out, "page": page, "html": page.read_text()}
+    page = Path(out.report["artifacts"]["report"]) / "report.html"
+    return {"root": root, **vars(out.outputs), "page": page, "html": page.read_text()}
 
 
 class Page(HTMLParser):
@@ -95,7 +95,7 @@ def _decode(img: dict) -> np.ndarray:
 
 
 def test_report_html_is_published_with_the_report(tiny):
-    verify_output(tiny["report"])   # listed in the folder's manifest, unchanged
+    tiny["report"].verify()   # listed in the folder's manifest, unchanged
     names = sorted(p.name for p in tiny["page"].parent.iterdir())
     assert names == ["_manifest.json", "confusion-l1.csv", "confusion-rmse.csv", "report.html", "report.json",
                      "report.md"]
@@ -113,7 +113,7 @@ def test_report_html_holds_the_real_figures_and_pictures(tiny):
 
     # the templates, pixel for pixel, scaled up by a whole factor
     root = Root(tiny["root"])
-    classes, means, shape = read_templates(root, f"{tiny['templates']['dir']}/{TEMPLATES}")
+    classes, means, shape = read_templates(root, f"{tiny['templates'].dir}/{TEMPLATES}")
     templates = [i for i in page.images if "template" in i["class"].split()]
     assert len(templates) == 2
     for img, mean in zip(templates, means):
@@ -131,7 +131,7 @@ def test_report_html_holds_the_real_figures_and_pictures(tiny):
 
     # confusion matrices, rows true, then the row total
     conf = page.tables["conf"]
-    rep = tiny["report"]["report"]
+    rep = tiny["report"].report
     for i, metric in enumerate(["l1", "rmse"]):
         rows = conf[i * 3:(i + 1) * 3]
         assert rows[0][1:3] == ["3", "7"]
@@ -139,9 +139,9 @@ def test_report_html_holds_the_real_figures_and_pictures(tiny):
         assert [r[3] for r in rows[1:]] == ["350", "350"]
 
     # per metric, the 12 most confidently wrong, in order, with their own pixels
-    preds = pq.read_table(Path(tiny["root"]) / tiny["evaluation"]["dir"]).to_pandas()
+    preds = pq.read_table(Path(tiny["root"]) / tiny["evaluation"].dir).to_pandas()
     pixels, shard_of = {}, {}
-    for i, batch in enumerate(iter_arrays(root, tiny["shards"]["shards"]["valid"], ("path", "image"))):
+    for i, batch in enumerate(iter_arrays(root, tiny["shards"].shards["valid"], ("path", "image"))):
         pixels.update(zip(batch["path"], batch["image"]))
         shard_of.update(dict.fromkeys(batch["path"], i))
     assert set(page.gallery) == {"l1", "rmse"}

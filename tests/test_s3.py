@@ -16,7 +16,7 @@ moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
 
 BUCKET = "pixelsim-test"
-FOLDERS = ("extracted", "shards", "templates", "evaluations", "reports")
+FOLDERS = ("archives", "extracted", "shards", "templates", "evaluations", "reports")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def objects(fs, prefix: str) -> list[str]:
     return sorted(p.removeprefix(f"{BUCKET}/{prefix}/") for p in fs.find(f"{BUCKET}/{prefix}"))
 
 
-def test_full_run_cached_rerun_and_atomic_publication(cli, s3):
+def test_full_run_cached_rerun_and_atomic_publication(cli, s3, tmp_path):
     env, fs = s3
     root = f"s3://{BUCKET}/runs"
     first = cli("run", "--source", str(TINY), "--root", root, "--json", env=env)
@@ -69,6 +69,14 @@ def test_full_run_cached_rerun_and_atomic_publication(cli, s3):
     assert again.report == rep
     assert not [k for k in objects(fs, "runs") if ".tmp-" in k]
 
+    # another machine: its own PREFECT_HOME and result store, the same root: the cache is the root
+    home = tmp_path / "other-host"
+    other = cli("run", "--source", str(TINY), "--root", root, "--json",
+                env={**env, "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "results")})
+    assert other.code == 0, other.stderr
+    assert other.states() == ["Cached"] * 7 and "reused cached results for 6 of 6 steps" in other.stderr
+    assert other.report == rep
+
 
 def test_failed_run_publishes_nothing(cli, s3, tmp_path):
     env, fs = s3
@@ -77,6 +85,6 @@ def test_failed_run_publishes_nothing(cli, s3, tmp_path):
     r = cli("run", "--source", str(bad), "--root", f"s3://{BUCKET}/failed", env=env)
     assert r.code == 1
     assert "corrupt or truncated" in r.stderr
-    # the download itself was fine and is kept, content-addressed; nothing derived from it is published
+    # the download itself was fine and is kept (with its manifest); nothing derived from it is published
     keys = objects(fs, "failed")
-    assert [k.split("/")[0] for k in keys] == ["archives"], keys
+    assert {k.split("/")[0] for k in keys} == {"archives"}, keys

@@ -96,7 +96,7 @@ def test_serve_rejects_a_bad_cron(tmp_path):
 def test_prefect_yaml_deploys_the_same_flow_to_a_work_pool(prefect_server, tmp_path):
     spec = yaml.safe_load((PROJECT / "prefect.yaml").read_text())
     (dep,) = spec["deployments"]
-    assert dep["entrypoint"] == "flows/pixel_similarity.py:pixel_similarity"
+    assert dep["entrypoint"] == "pixelsim.flows.pixel_similarity:pixel_similarity"
     assert [s["cron"] for s in dep["schedules"]] == [CRON]
     # deploy a copy: `prefect deploy` must not write into the checkout
     shutil.copy(PROJECT / "prefect.yaml", tmp_path / "prefect.yaml")

@@ -14,17 +14,16 @@ import torch
 from PIL import Image
 
 from conftest import TINY_FIGURES, plain_pipeline
-from storage.errors import ImageError, IntegrityError, LayoutError
-from storage.layout import find_layout, natural_key, split_files
-from storage.root import Root, verify_output
-from storage.shards import ShardMeta, iter_arrays, read_meta, write_shard
-from tasks.caching import content_key
-from tasks.convert import convert_tree, tree_entries
-from tasks.download import archive_name, download_archive
-from tasks.evaluate import accuracy, confusion_matrix, distances
-from tasks.report import render_markdown
-from tasks.templates import class_means
-from tasks.untar import untar_archive
+from pixelsim.storage.errors import ImageError, IntegrityError, LayoutError
+from pixelsim.storage.layout import find_layout, natural_key, split_files
+from pixelsim.storage.catalog import step_key
+from pixelsim.storage.root import Root
+from pixelsim.storage.shards import ShardMeta, iter_arrays, read_meta, write_shard
+from pixelsim.tasks.contracts import Output
+from pixelsim.tasks.download import archive_name
+from pixelsim.tasks.evaluate import accuracy, confusion_matrix, distances
+from pixelsim.tasks.report import render_markdown
+from pixelsim.tasks.templates import class_means
 
 
 def test_distances_match_a_hand_computed_example():
@@ -111,30 +110,22 @@ def test_atomic_publication_leaves_nothing_on_failure(tmp_path):
     assert [p.name for p in (tmp_path / "a").iterdir()] == []
     with root.publish_dir("a/b") as st:
         st.write_bytes("x.bin", b"whole")
-    desc = {"root": str(tmp_path), "dir": "a/b", "digest": st.digest}
-    verify_output(desc)
+    out = Output(root=str(tmp_path), dir="a/b", digest=st.digest)
+    out.verify()
     (tmp_path / "a" / "b" / "x.bin").write_bytes(b"whola")
     with pytest.raises(IntegrityError, match="x.bin"):
-        verify_output(desc)
+        out.verify()
     (tmp_path / "a" / "b" / "x.bin").unlink()
     with pytest.raises(IntegrityError, match="missing"):
-        verify_output(desc)
+        out.verify()
 
 
 def test_cache_keys_depend_on_step_version_and_content():
-    class T:
-        def __init__(self, name, version):
-            self.name, self.version = name, version
-
-    class Ctx:
-        def __init__(self, task):
-            self.task = task
-
-    a = content_key(Ctx(T("templates", "1")), {"shards": {"digest": "x"}})
-    assert a == content_key(Ctx(T("templates", "1")), {"shards": {"digest": "x"}})
-    assert a != content_key(Ctx(T("evaluate", "1")), {"shards": {"digest": "x"}})
-    assert a != content_key(Ctx(T("templates", "2")), {"shards": {"digest": "x"}})
-    assert a != content_key(Ctx(T("templates", "1")), {"shards": {"digest": "y"}})
+    a = step_key("templates", "1", "x")
+    assert a == step_key("templates", "1", "x") and len(a) == 16
+    assert a != step_key("evaluate", "1", "x")
+    assert a != step_key("templates", "2", "x")
+    assert a != step_key("templates", "1", "y")
 
 
 def test_archive_name_is_safe():
@@ -146,29 +137,31 @@ def test_archive_name_is_safe():
 def tiny_steps(tmp_path_factory):
     """The plain functions chained on the real tiny archive."""
     root = str(tmp_path_factory.mktemp("root"))
-    out = plain_pipeline(root)
-    return root, *(out[k] for k in ("archive", "tree", "shards", "templates", "evaluation", "report"))
+    out = plain_pipeline(root).outputs
+    return root, out.archive, out.tree, out.shards, out.templates, out.evaluation, out.report
 
 
 def test_plain_pipeline_on_tiny(tiny_steps):
     root, archive, tree, shards, tmpl, ev, rep = tiny_steps
-    for desc in (archive, tree, shards, tmpl, ev, rep):
-        verify_output(desc)
-    assert shards["counts"] == {"train": {"3": 350, "7": 350}, "valid": {"3": 350, "7": 350}}
-    assert [Path(p).name for p in shards["shards"]["train"]] == ["train-00000-of-00003.parquet",
-                                                                   "train-00001-of-00003.parquet",
-                                                                   "train-00002-of-00003.parquet"]
-    r = rep["report"]
+    for output in (archive, tree, shards, tmpl, ev, rep):
+        output.verify()
+        # the record in the manifest rebuilds the same output from the root alone
+        assert type(output).load(root, output.dir) == output
+    assert shards.counts == {"train": {"3": 350, "7": 350}, "valid": {"3": 350, "7": 350}}
+    assert [Path(p).name for p in shards.shards["train"]] == ["train-00000-of-00003.parquet",
+                                                               "train-00001-of-00003.parquet",
+                                                               "train-00002-of-00003.parquet"]
+    r = rep.report
     for metric, want in TINY_FIGURES.items():
         assert r["metrics"][metric]["balanced"] == want["balanced"]
         assert r["metrics"][metric]["per_class"] == {"3": want["3"], "7": want["7"]}
     md = render_markdown(r)
     assert "| 3 | 350 | 350 | 0.8829 | 0.9429 |" in md
     # template PNGs are viewable images of the means
-    png = Image.open(Path(root) / tmpl["dir"] / "3.png")
+    png = Image.open(Path(root) / tmpl.dir / "3.png")
     assert png.size == (28, 28) and png.mode == "L"
-    meta = read_meta(Root(root), shards["shards"]["valid"][0])
-    assert meta["classes"] == ["3", "7"] and meta["source_sha256"] == archive["sha256"]
+    meta = read_meta(Root(root), shards.shards["valid"][0])
+    assert meta["classes"] == ["3", "7"] and meta["source_sha256"] == archive.sha256
 
 
 def test_convert_lists_every_bad_file(tmp_path):
@@ -184,10 +177,8 @@ def test_convert_lists_every_bad_file(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     (tmp_path / "a.tgz").write_bytes(buf.getvalue())
     root = str(tmp_path / "root")
-    tree = untar_archive(download_archive(str(tmp_path / "a.tgz"), root), root)
-    lay = find_layout(list(tree_entries(Root(root), tree)))
     with pytest.raises(ImageError) as e:
-        convert_tree(tree, lay.to_dict(), "d", root)
+        plain_pipeline(root, tmp_path / "a.tgz", "d")
     assert "2 bad image file(s)" in str(e.value)
     assert "d/train/a/2.png" in str(e.value) and "d/valid/b/9.png" in str(e.value)
     assert list((tmp_path / "root").glob("shards/*/*/*.parquet")) == []

@@ -1,0 +1,140 @@
+"""The Python API: run the pipeline in-process, and open a storage root to read its runs.
+
+`run` needs no Prefect server (it uses the plain runner, cached through the root, like the
+CLI's flow); `open` reads only the root: the history, each run's record and the outputs that
+record names, checked against their manifests.
+"""
+from __future__ import annotations
+
+import posixpath
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pixelsim.storage import catalog
+from pixelsim.storage.artifacts import TEMPLATES, read_templates
+from pixelsim.storage.errors import PixelsimError
+from pixelsim.storage.history import read_history, read_run_record
+from pixelsim.storage.root import MANIFEST, Root
+from pixelsim.storage.shards import iter_arrays
+from pixelsim.tasks.contracts import Request, default_root
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from pixelsim.flows.pipeline import RunResult
+
+
+def run(dataset: str | None = None, source: str | None = None, root: str | None = None, *,
+        sha256: str | None = None, refresh: bool = False, **options: Any) -> RunResult:
+    """Run the whole pipeline in this process (no Prefect); `options` are `pixelsim.Options` fields."""
+    from pixelsim.flows.pipeline import run_pipeline
+    from pixelsim.flows.runners import PlainRunner
+
+    request = Request.build(dataset=dataset, source=source, sha256=sha256, root=root or default_root(),
+                            refresh=refresh, **options)
+    return run_pipeline(request, PlainRunner(request.refresh))
+
+
+def open(root: str | None = None) -> Store:  # noqa: A001 - pixelsim.open(root) reads like open()
+    return Store(root or default_root())
+
+
+class Store:
+    """A storage root, read-only: its runs and their outputs."""
+
+    def __init__(self, root: str):
+        self.root = Root(root)
+
+    def runs(self) -> pd.DataFrame:
+        """The run history, one row per run and metric, oldest first."""
+        return read_history(self.root).to_pandas()
+
+    def _rows(self) -> list[dict]:
+        table = read_history(self.root).select(["run_id", "dataset", "time"])
+        return table.to_pylist()
+
+    def run(self, run_id: str) -> RunView:
+        """A run by its id or a unique prefix of it."""
+        found = {(r["run_id"], r["dataset"]) for r in self._rows() if r["run_id"].startswith(run_id)}
+        if not found:
+            raise PixelsimError(f"no run {run_id!r} in {self.root.uri(catalog.HISTORY)}")
+        if len(found) > 1:
+            raise PixelsimError(f"run id prefix {run_id!r} is ambiguous: {', '.join(sorted(r for r, _ in found))}")
+        (rid, dataset), = found
+        return RunView(self.root, read_run_record(self.root, dataset, rid))
+
+    def latest(self, dataset: str | None = None) -> RunView:
+        """The last run (of `dataset`, when given) that recorded itself in this root."""
+        rows = [r for r in self._rows() if dataset is None or r["dataset"] == dataset]
+        if not rows:
+            what = f"of dataset {dataset!r} " if dataset else ""
+            raise PixelsimError(f"no run {what}recorded under {self.root.uri(catalog.HISTORY)}: run pixelsim first")
+        last = max(rows, key=lambda r: (r["time"], r["run_id"]))
+        return RunView(self.root, read_run_record(self.root, last["dataset"], last["run_id"]))
+
+
+class RunView:
+    """One run's record, and the outputs it names."""
+
+    def __init__(self, root: Root, record: dict):
+        self.root, self.record = root, record
+
+    def __repr__(self) -> str:
+        return f"<pixelsim run {self.run_id} of {self.dataset} at {self.record['time']}>"
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+    @property
+    def dataset(self) -> str:
+        return self.record["dataset"]
+
+    @property
+    def options(self) -> dict:
+        return self.record["options"]
+
+    def folder(self, step: str) -> str:
+        """The output folder of `step` (archive, tree, shards, templates, evaluation, report), root-relative."""
+        return self.record["outputs"][step]
+
+    def _manifest(self, step: str) -> dict:
+        return self.root.read_json(posixpath.join(self.folder(step), MANIFEST))
+
+    @cached_property
+    def report(self) -> dict:
+        return self.root.read_json(posixpath.join(self.folder("report"), "report.json"))
+
+    def templates(self) -> dict[str, np.ndarray]:
+        """Class name -> template, float32 in [0, 1], shaped like one image."""
+        classes, means, shape = read_templates(self.root, posixpath.join(self.folder("templates"), TEMPLATES))
+        return {c: np.asarray(m, np.float32).reshape(shape) for c, m in zip(classes, means)}
+
+    def predictions(self) -> pd.DataFrame:
+        """Every validation image's prediction by both metrics (columns as in predictions-*.parquet)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        folder = self.folder("evaluation")
+        files = sorted(f["name"] for f in self._manifest("evaluation")["files"] if f["name"].startswith("predictions-"))
+        tables = []
+        for name in files:
+            with self.root.open(posixpath.join(folder, name)) as f:
+                tables.append(pq.ParquetFile(f).read())
+        return pa.concat_tables(tables).to_pandas()
+
+    def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(images uint8 N x H x W [x C], labels int64 N, classes) of the train or valid split,
+        straight from the shards (each checked against its manifest digest)."""
+        record = self._manifest("shards")["record"]
+        if split not in record["shards"]:
+            raise PixelsimError(f"split {split!r}: use one of {', '.join(record['shards'])}")
+        files = record["shards"][split]
+        batches = list(iter_arrays(self.root, files, sha256=record["sha256"]))
+        shape = tuple(record["shape"])
+        images = (np.concatenate([b["image"] for b in batches]) if batches
+                  else np.zeros((0, int(np.prod(shape))), np.uint8))
+        labels = (np.concatenate([b["label_index"] for b in batches]) if batches else np.zeros(0)).astype(np.int64)
+        return images.reshape(-1, *shape), labels, list(record["classes"])

@@ -1,0 +1,101 @@
+"""The Prefect runner: every step a task run, retried on transient errors, shown `Cached` when the
+storage root already held its output; and the choice of task runner for the mapped steps.
+
+Prefect's own result cache is not used: whether a step is skipped is decided from the root
+(`pixelsim.storage.cache`), so a fresh `PREFECT_HOME`, another host or a worker reuses it.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.states import Completed, State
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import Task, exponential_backoff
+
+from pixelsim.flows.runners import RETRIES, RETRY_DELAY_S, Runner, is_transient
+from pixelsim.storage.cache import Outcome
+
+RUNNERS = ("thread", "process", "dask")
+_tasks: dict[Callable, Task] = {}
+
+
+def _retry(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except BaseException as e:  # noqa: BLE001 - only asked whether to retry
+        return is_transient(e)
+    return False
+
+
+def as_task(name: str, fn: Callable[..., Outcome]) -> Task:
+    """The thin @task around a plain step function: a reused output ends the run as `Cached`."""
+    if fn not in _tasks:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            out = fn(*args, **kwargs)
+            return Completed(name="Cached", message="reused from the storage root", data=out) if out.cached else out
+
+        _tasks[fn] = task(run, name=name, cache_policy=NO_CACHE, persist_result=False, retries=RETRIES,
+                          retry_delay_seconds=exponential_backoff(backoff_factor=RETRY_DELAY_S),
+                          retry_jitter_factor=0.5, retry_condition_fn=_retry)
+    return _tasks[fn]
+
+
+def _outcome(value: Any) -> Any:
+    """A task that returned a Cached state hands that state to its caller: its data is the Outcome."""
+    return value.result() if isinstance(value, State) else value
+
+
+class PrefectRunner(Runner):
+    """Runs inside a flow run: single steps in the flow's thread, mapped ones on its task runner."""
+
+    def __init__(self, refresh: bool = False, progress: dict[str, Callable[[int, int], None]] | None = None):
+        super().__init__(refresh, run_id=str(flow_run.id), log=get_run_logger())
+        self.progress = progress or {}
+
+    def _call(self, name: str, fn: Callable[..., Outcome], args: tuple, kwargs: dict,
+              retries: int = RETRIES) -> Outcome:
+        state = as_task(name, fn).with_options(task_run_name=name, retries=retries)(*args, return_state=True, **kwargs)
+        return _outcome(state.result())
+
+    def _map(self, name: str, fn: Callable[..., Outcome], jobs: Sequence[Any]) -> list[Outcome | BaseException]:
+        t = as_task(name, fn)
+        futures = [t.with_options(task_run_name=j.name).submit(j, refresh=self.refresh) for j in jobs]
+        if on_done := self.progress.get(name):
+            on_done(0, len(futures))
+            for n, _ in enumerate(as_completed(futures), 1):
+                on_done(n, len(futures))
+        outs: list[Outcome | BaseException] = []
+        for future in futures:
+            future.wait()
+            state = future.state
+            got = _outcome(state.result(raise_on_failure=False))
+            outs.append(got if state.is_completed() or isinstance(got, BaseException)
+                        else RuntimeError(f"{name}: task run ended {state.name}: {state.message}"))
+        return outs
+
+
+def task_runner(kind: str, workers: int | None = None, dask_address: str | None = None) -> Any:
+    """`dask` without an address starts a local cluster bound to 127.0.0.1 only."""
+    workers = workers or os.cpu_count() or 1
+    if kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "process":
+        return ProcessPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise SystemExit("pixelsim: --task-runner dask needs the extra: pip install 'pixelsim[dask]'") from None
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                              "host": "127.0.0.1", "dashboard_address": None})
+    raise ValueError(f"unknown task runner {kind!r}: use one of {', '.join(RUNNERS)}")

@@ -1,0 +1,122 @@
+"""The cache is the storage root: a published folder whose manifest verifies is a step's result.
+
+Any process that sees the root (another `PREFECT_HOME`, host, worker or container) reuses
+it; nothing about it lives in Prefect's result storage.
+
+Runs that reach the same output at once take a lock named by the output's path: one builds,
+the others wait and then find the published folder. Lock files live in `<root>/_locks/` for a
+local root (so every process that shares the disk shares them), else in `$PIXELSIM_LOCK_DIR`
+or `$PREFECT_HOME/pixelsim-locks` on the machine running the step: several hosts on one
+object-store root do not see each other's locks, so they may build the same output twice,
+but each publishes identical bytes (outputs are deterministic and content-keyed) with the
+manifest last, so a reader never sees a partial or mixed folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import posixpath
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from pixelsim.storage.errors import IntegrityError, NotPublished
+from pixelsim.storage.locks import ExpiringLockManager
+from pixelsim.storage.root import MANIFEST, Root, digest_json, part_of
+
+T = TypeVar("T")
+LOCKS = "_locks"
+HOLD_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T]):
+    """A step's output; whether it came from the root (a cache hit) or was built now; and, when
+    a published output was there but failed its check, why it was rebuilt."""
+
+    value: T
+    cached: bool
+    rebuilt_because: str | None = None
+
+
+def lock_dir(root: Root) -> Path:
+    if os.environ.get("PIXELSIM_LOCK_DIR"):
+        return Path(os.environ["PIXELSIM_LOCK_DIR"])
+    if root.local:
+        return Path(root.path(LOCKS))
+    home = os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect")
+    return Path(home) / "pixelsim-locks"
+
+
+def reuse_or_build(root: Root, rel: str, load: Callable[[], T], build: Callable[[], T], *,
+                   refresh: bool = False) -> Outcome[T]:
+    """`load()` the published output at `rel` if it verifies, else `build()` it under a lock.
+
+    `load` raises NotPublished when there is no output yet, IntegrityError when it is damaged.
+    After the lock is taken the root is looked at again: a concurrent run may have published
+    the output meanwhile.
+    """
+    invalid: list[str] = []
+
+    def reuse(tell: bool) -> T | None:
+        if refresh:
+            return None
+        try:
+            return load()
+        except IntegrityError as e:
+            if tell and not isinstance(e, NotPublished):
+                invalid.append(str(e))
+            return None
+
+    found = reuse(True)
+    if found is not None:
+        return Outcome(found, True)
+    locks = ExpiringLockManager(lock_dir(root), hold_timeout=HOLD_S)
+    key = "pixelsim-" + digest_json([root.url, rel])[:32]
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    locks.acquire_lock(key, holder, acquire_timeout=None, hold_timeout=HOLD_S)
+    try:
+        found = reuse(False)
+        if found is not None:
+            return Outcome(found, True)
+        return Outcome(build(), False, invalid[0] if invalid else None)
+    finally:
+        locks.release_lock(key, holder)
+
+
+def load_part(root: Root, rel: str) -> dict:
+    """The record of a file that a mapped task wrote for `rel`: from its folder's manifest once
+    published, else from the record beside the part; only if the file still matches it."""
+    folder, name = posixpath.split(rel)
+    candidates, listed = [], False
+    with contextlib.suppress(FileNotFoundError, ValueError, LookupError, TypeError):
+        record = root.read_json(posixpath.join(folder, MANIFEST))["record"]["parts"][name]
+        candidates.append((rel, record))
+        listed = True
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        record = root.read_json(part_record(rel))
+        candidates += [(part_of(rel), record), (rel, record)]
+    for path, record in candidates:
+        try:
+            found = root.sha256(path)
+        except FileNotFoundError:
+            continue
+        if found == (record.get("sha256"), record.get("bytes")):
+            return record
+        raise IntegrityError(f"{root.uri(rel)}: does not match its record (altered or truncated)")
+    if listed:
+        raise IntegrityError(f"{root.uri(rel)}: listed in its folder's manifest but missing")
+    raise NotPublished(f"{root.uri(rel)}: not built yet")
+
+
+def part_record(rel: str) -> str:
+    return part_of(rel) + ".json"
+
+
+def record_part(root: Root, rel: str, record: dict) -> None:
+    """Write the record of a part a mapped task has just published (the part itself first)."""
+    root.write_bytes_atomic(part_record(rel), json.dumps(record, separators=(",", ":")).encode())

@@ -1,0 +1,89 @@
+"""Where every output lives in the storage root: the one place that builds those paths.
+
+A step's content key (its name, code version and inputs, digested) names its output
+folder, so the root alone says whether a step's work is already done: a folder whose
+manifest verifies is the cached result. Outputs that analysts glob are scoped by dataset.
+
+    archives/<key>/<name>                          download (key: source, fingerprint, pins)
+    extracted/<key>/members.bin, members.parquet   untar (key: the archive's sha256, caps)
+    shards/<dataset>/<key>/<split>-NNNNN-of-NNNNN.parquet
+    templates/<dataset>/<key>/templates.parquet, <class>.png
+    evaluations/<dataset>/<key>/predictions-*.parquet, _metrics.json
+    reports/<dataset>/<key>/report.json, report.md, report.html, confusion-<metric>.csv
+    runs/<dataset>/<run id>.json                   what one run used and produced
+    history/<start>-<run id>.parquet               one row per run and metric
+"""
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Any
+
+from pixelsim.storage.root import digest_json
+
+HISTORY = "history"
+RUNS = "runs"
+KEY_LENGTH = 16
+# a dataset name becomes a folder name: one safe path component, never a way out of the root
+_DATASET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def step_key(step: str, version: str, *inputs: Any) -> str:
+    """The content key of a step's output: changes exactly when its code or inputs do."""
+    return digest_json([step, version, *inputs])[:KEY_LENGTH]
+
+
+def checked_dataset(name: str) -> str:
+    if not _DATASET.fullmatch(name) or ".." in name:
+        raise ValueError(f"dataset name {name!r}: use letters, digits, '.', '_' and '-' "
+                         "(it names folders in the storage root)")
+    return name
+
+
+def archive_dir(key: str) -> str:
+    return f"archives/{key}"
+
+
+def tree_dir(key: str) -> str:
+    return f"extracted/{key}"
+
+
+def shards_dir(dataset: str, key: str) -> str:
+    return f"shards/{checked_dataset(dataset)}/{key}"
+
+
+def templates_dir(dataset: str, key: str) -> str:
+    return f"templates/{checked_dataset(dataset)}/{key}"
+
+
+def evaluation_dir(dataset: str, key: str) -> str:
+    return f"evaluations/{checked_dataset(dataset)}/{key}"
+
+
+def report_dir(dataset: str, key: str) -> str:
+    return f"reports/{checked_dataset(dataset)}/{key}"
+
+
+def shard_file(folder: str, split: str, index: int, count: int) -> str:
+    return posixpath.join(folder, f"{split}-{index:05d}-of-{count:05d}.parquet")
+
+
+def predictions_file(folder: str, shard: str) -> str:
+    return posixpath.join(folder, f"predictions-{posixpath.basename(shard).removesuffix('.parquet')}.parquet")
+
+
+def predictions_glob(folder: str) -> str:
+    return posixpath.join(folder, "predictions-*.parquet")
+
+
+def metrics_file(folder: str) -> str:
+    return posixpath.join(folder, "_metrics.json")
+
+
+def run_record(dataset: str, run_id: str) -> str:
+    return f"{RUNS}/{checked_dataset(dataset)}/{run_id}.json"
+
+
+def key_of(folder: str) -> str:
+    """The key a folder is named by (its last component)."""
+    return posixpath.basename(folder.rstrip("/"))

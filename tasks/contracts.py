@@ -1,0 +1,303 @@
+"""What the steps exchange: the run's options, and one small frozen record per step output.
+
+Every knob is written here once, with its default, and checked once when the options are
+built. An output record describes a published folder of the storage root; the same record
+is stored in that folder's manifest, so it can be rebuilt from the root alone
+(`load`) and checked against it (`verify`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from pixelsim.storage import catalog
+from pixelsim.storage.errors import IntegrityError, OptionError
+from pixelsim.storage.root import Root
+from pixelsim.storage.shards import Member
+
+METRICS = ("l1", "rmse")
+DEFAULT_ROOT = "pixelsim-data"
+DEFAULT_DATASET = "mnist_sample"
+MAX_SIDE = 16384   # pixels per side of --resize: larger ones would not fit in memory anyway
+
+
+@dataclass(frozen=True)
+class Options:
+    """The knobs of a run that shape its outputs (the CLI, the flow and the API share them)."""
+
+    metric: str = "l1"                        # headline distance; both are always computed
+    shard_size: int = 5000                    # images per Parquet shard
+    channels: int = 1                         # 1: grayscale (luma), 3: RGB
+    resize: tuple[int, int] | None = None     # (H, W) every image is resized to; None: all must match
+    classes: tuple[str, ...] | None = None    # a subset of the class folders
+    train_split: str | None = None            # split folder names, when not the usual ones
+    valid_split: str | None = None
+    skip_bad: int = 0                         # unreadable images that may be left out
+    device: str = "cpu"                       # torch device for templates and evaluation
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.metric not in METRICS:
+            raise OptionError(f"--metric {self.metric}: use one of {', '.join(METRICS)}")
+        for name in ("shard_size", "channels", "skip_bad"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected a whole number")
+        if self.shard_size < 1:
+            raise OptionError(f"--shard-size {self.shard_size}: must be at least 1")
+        if self.channels not in (1, 3):
+            raise OptionError(f"--channels {self.channels}: use 1 (grayscale) or 3 (RGB)")
+        if self.skip_bad < 0:
+            raise OptionError(f"--skip-bad {self.skip_bad}: must be 0 or more")
+        if self.resize is not None:
+            size = tuple(self.resize)
+            if len(size) != 2 or not all(isinstance(v, int) and 1 <= v <= MAX_SIDE for v in size):
+                raise OptionError(f"--resize {'x'.join(map(str, size))}: expected HxW, each side 1 to {MAX_SIDE}")
+            fix("resize", size)
+        if self.classes is not None:
+            names = tuple(str(c).strip() for c in self.classes)
+            if not names or any(not c for c in names):
+                raise OptionError(f"--classes {','.join(names)}: give class folder names, e.g. 3,7")
+            if len(set(names)) != len(names):
+                raise OptionError(f"--classes {','.join(names)}: a class is named twice")
+            fix("classes", names)
+        for name in ("train_split", "valid_split", "device"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip() or "/" in value):
+                raise OptionError(f"--{name.replace('_', '-')} {value!r}: expected a folder name")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able, in field order (for cache keys, run records and history rows)."""
+        d = dataclasses.asdict(self)
+        d["resize"] = list(self.resize) if self.resize else None
+        d["classes"] = list(self.classes) if self.classes else None
+        return d
+
+
+@dataclass(frozen=True)
+class Request:
+    """One run: what to read, where to store it, and its options."""
+
+    dataset: str = DEFAULT_DATASET            # a named dataset, or the name a --source is filed under
+    source: str | None = None                 # archive URL or path; None: the dataset's own
+    sha256: str | None = None                 # expected checksum of `source`
+    root: str = DEFAULT_ROOT                  # storage root, a folder or fsspec URL
+    refresh: bool = False                     # rebuild every step, reusing nothing
+    options: Options = field(default_factory=Options)
+
+    def __post_init__(self) -> None:
+        try:
+            catalog.checked_dataset(self.dataset)
+        except ValueError as e:
+            raise OptionError(f"--dataset: {e}") from None
+        if self.source is not None and not str(self.source).strip():
+            raise OptionError("--source is empty: give an archive URL or path, or leave it out")
+        if self.sha256 is not None:
+            sha = self.sha256.strip().lower()
+            if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+                raise OptionError(f"--sha256 {self.sha256!r}: expected 64 hexadecimal digits")
+            object.__setattr__(self, "sha256", sha)
+        if not self.root or not str(self.root).strip():
+            raise OptionError("--root is empty: give a folder or fsspec URL")
+
+    @classmethod
+    def build(cls, dataset: str | None = None, source: str | None = None, sha256: str | None = None,
+              root: str = DEFAULT_ROOT, refresh: bool = False, **options: Any) -> Request:
+        """From flat parameters (the flow's form, the API's keywords); the dataset defaults to
+        the source's file name, or to mnist_sample without a source."""
+        unknown = set(options) - {f.name for f in dataclasses.fields(Options)}
+        if unknown:
+            raise OptionError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        if dataset is None:
+            from pixelsim.tasks.download import dataset_name
+            dataset = dataset_name(source) if source else DEFAULT_DATASET
+        return cls(dataset=dataset, source=source, sha256=sha256, root=root, refresh=refresh,
+                   options=Options(**{k: v for k, v in options.items() if v is not None}))
+
+
+def default_root() -> str:
+    """$PIXELSIM_ROOT, else ./pixelsim-data."""
+    return os.environ.get("PIXELSIM_ROOT") or DEFAULT_ROOT
+
+
+R = TypeVar("R", bound="Output")
+
+
+@dataclass(frozen=True)
+class Output:
+    """A published folder of the root; subclasses add what the next steps need to know."""
+
+    root: str
+    dir: str
+    digest: str          # the manifest's digest: changes when any file in the folder does
+    DEEP: ClassVar[bool] = True   # verify by re-hashing every file (else sizes only)
+
+    @property
+    def key(self) -> str:
+        return catalog.key_of(self.dir)
+
+    def uri(self) -> str:
+        return Root(self.root).uri(self.dir)
+
+    def record(self) -> dict[str, Any]:
+        """What the manifest stores: everything but where the root is (a root can move)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("root", "digest")}
+
+    def verify(self) -> dict:
+        """The folder's manifest, once every file it lists checks out and it is still this output."""
+        manifest = Root(self.root).verify(self.dir, deep=self.DEEP)
+        if manifest["digest"] != self.digest:
+            raise IntegrityError(f"{self.uri()}: replaced by other content")
+        return manifest
+
+    @classmethod
+    def load(cls: type[R], root: str, rel: str) -> R:
+        """The record of a published folder, rebuilt from its verified manifest."""
+        manifest = Root(root).verify(rel, deep=cls.DEEP)
+        try:
+            return cls(root=root, digest=manifest["digest"], **manifest["record"])
+        except (KeyError, TypeError) as e:
+            raise IntegrityError(f"{Root(root).uri(rel)}: manifest holds no {cls.__name__} record ({e})") from None
+
+
+@dataclass(frozen=True)
+class Archive(Output):
+    file: str = ""           # the archive, relative to the root
+    url: str = ""            # where it came from (credentials redacted)
+    sha256: str = ""
+    bytes: int = 0
+    md5_head: str = ""
+
+
+@dataclass(frozen=True)
+class Tree(Output):
+    """The unpacked members: one blob plus a Parquet index. Their bytes are re-hashed member by
+    member as convert reads them, so a cache check compares sizes only."""
+
+    DEEP: ClassVar[bool] = False
+    files: int = 0
+    archive_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to build: its members travel as one JSON string of [path, label, sha256, size,
+    offset] rows, because Prefect walks every item of a task's arguments, never a string's."""
+
+    root: str
+    dir: str
+    name: str                # the task run's name, e.g. convert-train-00003
+    split: str               # train or valid
+    folder: str              # the split's folder in the archive
+    file: str
+    members: str
+    blob: str
+    shape: tuple[int, ...]
+    classes: tuple[str, ...]
+    archive_sha256: str
+    channels: int = 1
+    resize: bool = False
+    skip_bad: bool = False
+    parallel: bool = False   # build on the shared process pool
+
+    def entries(self) -> list[Member]:
+        return [Member(*row) for row in json.loads(self.members)]
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Every shard of a dataset, planned in the flow's process before any is built."""
+
+    dir: str
+    classes: tuple[str, ...]
+    shape: tuple[int, ...]
+    jobs: tuple[ShardJob, ...]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A file that one mapped task wrote into its folder, with what the finishing step needs."""
+
+    file: str
+    sha256: str
+    bytes: int
+    split: str = ""
+    rows: int = 0
+    counts: dict[str, int] = field(default_factory=dict)       # images per class (shards)
+    skipped: tuple[str, ...] = ()                              # bad files left out (shards)
+    confusion: dict[str, list[list[int]]] = field(default_factory=dict)   # per metric (predictions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "skipped": list(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Part:
+        return cls(**{**d, "skipped": tuple(d.get("skipped", ()))})
+
+
+@dataclass(frozen=True)
+class ShardSet(Output):
+    dataset: str = ""
+    classes: list[str] = field(default_factory=list)
+    shape: list[int] = field(default_factory=list)
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)    # split -> class -> images
+    shards: dict[str, list[str]] = field(default_factory=dict)         # split -> shard files
+    sha256: dict[str, str] = field(default_factory=dict)               # shard file -> sha256
+    skipped: list[str] = field(default_factory=list)
+    parts: dict[str, dict] = field(default_factory=dict)               # file name -> Part
+
+
+@dataclass(frozen=True)
+class Templates(Output):
+    dataset: str = ""
+    classes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    root: str
+    dir: str
+    name: str
+    dataset: str
+    shard: str
+    sha256: str
+    templates: Templates
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    dir: str
+    jobs: tuple[EvalJob, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation(Output):
+    dataset: str = ""
+    classes: list[str] = field(default_factory=list)
+    metrics: dict[str, dict] = field(default_factory=dict)
+    predictions: str = ""          # glob of the prediction files, relative to the root
+    parts: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Report(Output):
+    report: dict[str, Any] = field(default_factory=dict)   # report.json's content
+    FILE: ClassVar[str] = "report.json"
+
+    def record(self) -> dict[str, Any]:
+        return {"dir": self.dir}     # the report itself is report.json, which the manifest lists
+
+    @classmethod
+    def load(cls, root: str, rel: str) -> Report:
+        manifest = Root(root).verify(rel)
+        try:
+            report = json.loads(Root(root).read_bytes(f"{rel}/{cls.FILE}"))
+        except ValueError as e:
+            raise IntegrityError(f"{Root(root).uri(rel)}: unreadable {cls.FILE} ({e})") from None
+        return cls(root=root, dir=rel, digest=manifest["digest"], report=report)
