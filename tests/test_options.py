@@ -1,0 +1,70 @@
+"""The run's options: every default written once, every value checked once, before any work."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT, base_env
+from pixelsim import OptionError, Options, PixelsimError
+from pixelsim.tasks.contracts import Request
+
+
+def test_defaults_and_normalised_values():
+    o = Options()
+    assert (o.metric, o.shard_size, o.channels, o.resize, o.classes, o.skip_bad, o.device) == \
+        ("l1", 5000, 1, None, None, 0, "cpu")
+    o = Options(resize=[14, 28], classes=[" 3", "7 "])
+    assert o.resize == (14, 28) and o.classes == ("3", "7")
+    assert o.to_dict()["resize"] == [14, 28] and o.to_dict()["classes"] == ["3", "7"]
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"shard_size": 0}, "--shard-size 0: must be at least 1"),
+    ({"shard_size": True}, "--shard-size True: expected a whole number"),
+    ({"channels": 2}, "--channels 2: use 1"),
+    ({"skip_bad": -1}, "--skip-bad -1: must be 0 or more"),
+    ({"metric": "cosine"}, "--metric cosine: use one of l1, rmse"),
+    ({"resize": (0, 0)}, "--resize 0x0: expected HxW"),
+    ({"resize": (28,)}, "--resize 28: expected HxW"),
+    ({"classes": ["3", "3"]}, "--classes 3,3: a class is named twice"),
+    ({"classes": ["3", ""]}, "--classes 3,: give class folder names"),
+    ({"train_split": "a/b"}, "--train-split 'a/b': expected a folder name"),
+])
+def test_a_bad_option_is_one_error_naming_it(options, message):
+    with pytest.raises(OptionError) as e:
+        Options(**options)
+    assert str(e.value).startswith(message) and isinstance(e.value, PixelsimError)
+
+
+@pytest.mark.parametrize("request_args,message", [
+    ({"dataset": "../../etc"}, "--dataset: dataset name '../../etc'"),
+    ({"dataset": "a/b"}, "--dataset: dataset name 'a/b'"),
+    ({"source": ""}, "--source is empty"),
+    ({"source": "x.tgz", "sha256": "abc"}, "--sha256 'abc': expected 64 hexadecimal digits"),
+    ({"root": ""}, "--root is empty"),
+    ({"shard_sise": 3}, "unknown option(s): shard_sise"),
+])
+def test_a_bad_request_is_one_error_naming_the_option(request_args, message):
+    with pytest.raises(OptionError) as e:
+        Request.build(**request_args)
+    assert str(e.value).startswith(message)
+
+
+def test_the_dataset_defaults_to_the_sources_name():
+    assert Request.build().dataset == "mnist_sample"
+    assert Request.build(source="https://h/x/Foo.tar.gz?sig=1").dataset == "foo"
+
+
+def test_the_cli_refuses_a_bad_option_in_one_line_before_prefect_starts(tmp_path):
+    code = ("import sys; from pixelsim.flows.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'prefect' not in sys.modules, 'prefect imported'; sys.exit(rc)")
+    for args, line in ((["--shard-size", "0"], "--shard-size 0: must be at least 1"),
+                       (["--resize", "0x0"], "--resize 0x0"), (["--classes", "3,3"], "a class is named twice"),
+                       (["--source", ""], "--source is empty"), (["--dataset", "../x"], "dataset name '../x'")):
+        p = subprocess.run([sys.executable, "-c", code, "run", "--root", str(tmp_path / "root"), *args],
+                           capture_output=True, text=True, timeout=60, cwd=PROJECT, env=base_env(tmp_path / "home"))
+        assert p.returncode == 2, (args, p.stderr)
+        assert p.stderr.count("\n") == 1 and p.stderr.startswith("pixelsim: error: ") and line in p.stderr, p.stderr
+        assert not (tmp_path / "root").exists()
