@@ -27,13 +27,13 @@ if TYPE_CHECKING:
 
 
 def run(dataset: str | None = None, source: str | None = None, root: str | None = None, *,
-        sha256: str | None = None, refresh: bool = False, **options: Any) -> RunResult:
+        sha256: str | None = None, refresh: bool = False, offline: bool = False, **options: Any) -> RunResult:
     """Run the whole pipeline in this process (no Prefect); `options` are `pixelsim.Options` fields."""
     from pixelsim.flows.pipeline import run_pipeline
     from pixelsim.flows.runners import PlainRunner
 
     request = Request.build(dataset=dataset, source=source, sha256=sha256, root=root or default_root(),
-                            refresh=refresh, **options)
+                            refresh=refresh, offline=offline, **options)
     return run_pipeline(request, PlainRunner(request.refresh))
 
 

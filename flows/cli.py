@@ -34,6 +34,16 @@ def _cron(text: str) -> str:
     return text
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
+
+    try:
+        return installed("pixelsim")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from pixelsim import __version__
+        return __version__
+
+
 def run_options(run: argparse.ArgumentParser) -> None:
     """The flow's options, shared by `run` and `serve`."""
     run.add_argument("--dataset", help="a named dataset (see `pixelsim datasets`; default mnist_sample) or, "
@@ -43,7 +53,10 @@ def run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--root", default=default_root(),
                      help=f"storage root, a folder or fsspec URL (default: ./{DEFAULT_ROOT} or $PIXELSIM_ROOT)")
     run.add_argument("--metric", choices=METRICS, default=Options.metric, help="headline distance (both are computed)")
-    run.add_argument("--refresh", action="store_true", help="recompute every step, ignoring cached results")
+    run.add_argument("--refresh", action="store_true", help="recompute every step, ignoring cached results "
+                     "(and ask a named dataset's official URL again)")
+    run.add_argument("--offline", action="store_true", help="never touch the network (also $PIXELSIM_OFFLINE=1): "
+                     "use what the root holds, or a named dataset's bundled copy")
     run.add_argument("--shard-size", type=int, default=Options.shard_size, help="images per Parquet shard")
     run.add_argument("--channels", type=int, choices=[1, 3], default=Options.channels,
                      help="1: grayscale (luma), 3: RGB")
@@ -62,6 +75,7 @@ def run_options(run: argparse.ArgumentParser) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pixelsim", description=__doc__)
+    p.add_argument("--version", action="version", version=f"pixelsim {version()}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pixel-similarity flow")
     run_options(run)
@@ -104,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                   refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
                   resize=args.resize, classes=classes, train_split=args.train_split,
                   valid_split=args.valid_split, device=args.device,
-                  sha256=args.sha256, skip_bad=args.skip_bad)
+                  sha256=args.sha256, skip_bad=args.skip_bad, offline=args.offline)
     try:
         request = Request.build(**params)   # every option checked before Prefect starts
     except OptionError as e:
@@ -112,16 +126,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     params["dataset"] = request.dataset
     _quiet_prefect_defaults()
-    from pixelsim.flows.pixel_similarity import masked_source, pixel_similarity
+    from prefect import tags
+
+    from pixelsim.flows.pixel_similarity import masked_source, pixel_similarity, run_tags
     from pixelsim.flows.prefect_runner import task_runner
 
     runner = task_runner(args.task_runner, args.workers, args.dask_address)
     if args.command == "serve":
         from pixelsim.flows.serve import serve
-        return serve(params, cron=args.cron, name=args.name or request.dataset, task_runner=runner)
+        return serve(params, cron=args.cron, name=args.name or request.dataset, task_runner=runner,
+                     tags=run_tags(request))
     from pixelsim.flows.progress import terminal_progress
     try:
-        with terminal_progress(sys.stderr.isatty()):
+        with terminal_progress(sys.stderr.isatty()), tags(*run_tags(request)):
             out = pixel_similarity.with_options(task_runner=runner)(**{**params, "source": masked_source(args.source)})
     except PixelsimError as e:
         print(f"pixelsim: error: {e}", file=sys.stderr)

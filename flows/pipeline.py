@@ -21,7 +21,7 @@ from pixelsim.storage.layout import Layout, find_layout
 from pixelsim.storage.sources import fingerprint
 from pixelsim.tasks.contracts import Archive, Evaluation, Options, Report, Request, ShardSet, Templates, Tree
 from pixelsim.tasks.convert import convert_shard, finish_shards, plan_shards, tree_listing
-from pixelsim.tasks.download import download_archive
+from pixelsim.tasks.download import download_archive, in_root
 from pixelsim.tasks.evaluate import evaluate_shard, finish_evaluation, plan_evaluation
 from pixelsim.tasks.report import write_report
 from pixelsim.tasks.templates import compute_templates, torch_device
@@ -76,6 +76,10 @@ def run_pipeline(request: Request, runner: Runner) -> RunResult:
     reused = [s for s in STEPS if runner.cached.get(s)]
     runner.log.info("reused cached results for %d of %d steps%s", len(reused), len(STEPS),
                     f" ({', '.join(reused)})" if reused else "")
+    head = report.report["metrics"][o.metric]
+    runner.log.info("%s: %s accuracy %s, balanced %s, overall %s; report: %s", request.dataset, o.metric,
+                    ", ".join(f"{c} {a}" for c, a in head["per_class"].items()), head["balanced"], head["overall"],
+                    report.report["artifacts"]["report"] + "/report.html")
     cached = {s: bool(runner.cached.get(s)) for s in STEPS}
     seconds = {s: round(runner.seconds.get(s, 0.0), 3) for s in STEPS}
     record = record_run(archive.root, runner.run_id, started, time.perf_counter() - clock, request=request_record(request),
@@ -117,29 +121,46 @@ def fetch_source(run: Runner, request: Request) -> tuple[Archive, dict]:
 
     root = request.root
     if request.source:
-        try:
-            fp = fingerprint(request.source)
-        except DownloadError as e:
-            run.log.warning("could not fingerprint %s (%s); downloading anyway", e.url, e.reason)
-            fp = {}
         pins = {"sha256": request.sha256} if request.sha256 else {}
+        local = "://" not in request.source or request.source.startswith("file://")
+        if request.offline and not local and not in_root(root, request.source, pins):
+            raise PixelsimError(f"--offline: downloading {redact(request.source)} needs the network (it is not in "
+                                f"{root} under a --sha256 pin); run once online, or pin it with --sha256")
+        fp = {}
+        if not pins:
+            try:
+                fp = fingerprint(request.source)
+            except DownloadError as e:
+                run.log.warning("could not fingerprint %s (%s); downloading anyway", e.url, e.reason)
         archive = run.step("download", download_archive, request.source, root, pins, 4, fp)
         return archive, described(archive)
     if request.dataset not in DATASETS:
         raise PixelsimError(f"unknown dataset {request.dataset!r}: pass --source, or one of {', '.join(DATASETS)}")
     ds = DATASETS[request.dataset]
     bundled = ds.bundled_path()
-    try:
-        url = ds.source_url()
-        fp = fingerprint(url)
-        archive = run.step("download", download_archive, url, root, ds.pins, 2 if bundled else 4, fp,
-                           retries=0 if bundled else RETRIES)
-        return archive, described(archive)
-    except DownloadError as e:
-        if not bundled:
-            raise
-        run.log.warning("official source %s failed (%s): falling back to the bundled copy %s", e.url, e.reason,
-                        bundled)
-    archive = run.step("download", download_archive, bundled, root, ds.bundled_pins, 1, fingerprint(bundled))
-    return archive, described(archive, bundled=True,
-                              note=f"official source {redact(ds.url)} unreachable; used the bundled copy")
+    fallback = {"bundled": True, "note": f"official source {redact(ds.url)} unreachable; used the bundled copy"}
+    if not request.refresh or request.offline:
+        # the pins name the archive's folder: a root that holds it needs no network at all
+        if in_root(root, ds.source_url(), ds.pins):
+            archive = run.step("download", download_archive, ds.source_url(), root, ds.pins, 1)
+            return archive, described(archive)
+        if bundled and in_root(root, bundled, ds.bundled_pins):
+            archive = run.step("download", download_archive, bundled, root, ds.bundled_pins, 1)
+            return archive, described(archive, **fallback)
+    if request.offline and not bundled:
+        raise PixelsimError(f"--offline: dataset {request.dataset} is not in {root} yet and downloading it needs the "
+                            f"network ({redact(ds.source_url())}); run once online")
+    if not request.offline:
+        try:
+            if bundled:   # an unreachable official source falls back at once, without a failed task run
+                fingerprint(ds.source_url())
+            archive = run.step("download", download_archive, ds.source_url(), root, ds.pins, 2 if bundled else 4,
+                               retries=0 if bundled else RETRIES)
+            return archive, described(archive)
+        except DownloadError as e:
+            if not bundled:
+                raise
+            run.log.warning("official source %s failed (%s): falling back to the bundled copy %s", e.url, e.reason,
+                            bundled)
+    archive = run.step("download", download_archive, bundled, root, ds.bundled_pins, 1)
+    return archive, described(archive, **fallback)

@@ -19,7 +19,7 @@ from prefect.states import Completed, State
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
 
-from pixelsim.flows.runners import RETRIES, RETRY_DELAY_S, Runner, is_transient
+from pixelsim.flows.runners import RETRIES, RETRY_DELAY_S, Runner, is_transient, said
 from pixelsim.storage.cache import Outcome
 
 RUNNERS = ("thread", "process", "dask")
@@ -40,6 +40,7 @@ def as_task(name: str, fn: Callable[..., Outcome]) -> Task:
         @functools.wraps(fn)
         def run(*args: Any, **kwargs: Any) -> Any:
             out = fn(*args, **kwargs)
+            get_run_logger().info(said(out))
             return Completed(name="Cached", message="reused from the storage root", data=out) if out.cached else out
 
         _tasks[fn] = task(run, name=name, cache_policy=NO_CACHE, persist_result=False, retries=RETRIES,
@@ -69,9 +70,10 @@ class PrefectRunner(Runner):
         t = as_task(name, fn)
         futures = [t.with_options(task_run_name=j.name).submit(j, refresh=self.refresh) for j in jobs]
         if on_done := self.progress.get(name):
-            on_done(0, len(futures))
-            for n, _ in enumerate(as_completed(futures), 1):
-                on_done(n, len(futures))
+            on_done(0, len(futures), False)
+            for n, future in enumerate(as_completed(futures), 1):
+                got = _outcome(future.result(raise_on_failure=False))
+                on_done(n, len(futures), not getattr(got, "cached", False))
         outs: list[Outcome | BaseException] = []
         for future in futures:
             future.wait()

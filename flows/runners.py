@@ -33,6 +33,14 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (OSError, TimeoutError))
 
 
+def said(out: Outcome) -> str:
+    """What a step did, for its log: built or reused, where, and what the output holds."""
+    value = out.value
+    where = getattr(value, "dir", None) if hasattr(value, "uri") else getattr(value, "file", "")
+    verb = "reused from the storage root" if out.cached else "built"
+    return f"{verb}: {where}: {value.describe()}"
+
+
 def gathered(name: str, outcomes: Sequence[Outcome | BaseException]) -> list[Outcome]:
     """The outcomes of a mapped step, or its failure: bad images of every job are reported together."""
     failures = [o for o in outcomes if isinstance(o, BaseException)]
@@ -92,7 +100,9 @@ class PlainRunner(Runner):
               retries: int = RETRIES) -> Outcome:
         for attempt in range(retries + 1):
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+                self.log.info("%s %s", name, said(out))
+                return out
             except Exception as e:  # noqa: BLE001 - retried or re-raised as it is
                 if attempt == retries or not is_transient(e):
                     raise

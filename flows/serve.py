@@ -28,7 +28,8 @@ def has_server() -> bool:
     return bool(get_current_settings().api.url)
 
 
-def serve(params: dict[str, Any], *, cron: str, name: str, task_runner: Any = None) -> int:
+def serve(params: dict[str, Any], *, cron: str, name: str, task_runner: Any = None,
+          tags: list[str] | None = None) -> int:
     """Register the deployment `pixel-similarity/<name>` and run its flow runs until interrupted."""
     if not has_server():
         print("pixelsim: error: serve needs a Prefect server that keeps running: start one with "
@@ -40,5 +41,5 @@ def serve(params: dict[str, Any], *, cron: str, name: str, task_runner: Any = No
 
     flow = pixel_similarity.with_options(task_runner=task_runner) if task_runner else pixel_similarity
     flow.serve(name=name, cron=cron, parameters=deployment_parameters(params), description=DESCRIPTION,
-               tags=["pixelsim"], entrypoint_type=EntrypointType.MODULE_PATH)
+               tags=tags or ["pixelsim"], entrypoint_type=EntrypointType.MODULE_PATH)
     return 0

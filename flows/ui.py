@@ -5,34 +5,43 @@ from __future__ import annotations
 import base64
 import posixpath
 import re
-from pathlib import Path
-
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
 
-from pixelsim.flows.pipeline import STEPS
+from pixelsim.flows.pipeline import STEPS, RunResult
 from pixelsim.flows.progress import notify
-from pixelsim.storage.root import Root
-from pixelsim.tasks.contracts import Templates
+from pixelsim.storage.history import read_history
+from pixelsim.storage.root import Root, digest_json
+from pixelsim.tasks.contracts import Request, Templates
 from pixelsim.tasks.report import render_markdown
 
 
-def artifact_key(dataset: str, what: str) -> str:
-    """Artifact keys allow lowercase letters, digits and dashes only; stable per dataset."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"pixelsim-{dataset}-{what}".lower()).strip("-")
+def artifact_prefix(request: Request) -> str:
+    """`pixelsim-<dataset>-<metric>-<root>`: the UI keeps one history per dataset, metric and storage
+    root, so runs into another root or with another headline metric never overwrite it."""
+    return f"pixelsim-{request.dataset}-{request.options.metric}-{digest_json(Root(request.root).uri(''))[:6]}"
+
+
+def artifact_key(prefix: str, what: str) -> str:
+    """Artifact keys allow lowercase letters, digits and dashes only."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{prefix}-{what}".lower()).strip("-")
 
 
 class ConvertProgress:
-    """Convert progress as shards finish: a progress artifact in the UI, a bar on a terminal."""
+    """Convert progress as shards finish: a progress artifact in the UI, a bar on a terminal. Shown
+    only once a shard is actually built: a run whose shards are all reused shows none."""
 
-    def __init__(self, dataset: str):
-        self.dataset, self.id, self.shown = dataset, None, -1.0
+    def __init__(self, prefix: str):
+        self.prefix, self.id, self.shown, self.started = prefix, None, -1.0, False
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, computed: bool = True) -> None:
+        self.started = self.started or (computed and done > 0)
+        if not self.started:
+            return
         pct = round(100.0 * done / total, 1) if total else 100.0
         text = f"{done} of {total} shards converted"
         if self.id is None:
-            self.id = create_progress_artifact(pct, key=artifact_key(self.dataset, "convert-progress"),
+            self.id = create_progress_artifact(pct, key=artifact_key(self.prefix, "convert-progress"),
                                                description=text)
         elif pct >= self.shown + 1 or done == total:  # whole percents: one API call each at most
             update_progress_artifact(self.id, pct, description=text)
@@ -64,34 +73,60 @@ def template_images(tmpl: Templates, per_row: int = 10) -> list[str]:
     return out
 
 
-def output_links(report: dict) -> dict[str, str]:
-    """Where each output lives, as a URL (file:// for a local root); predictions are a glob in
-    their folder, so the folder is linked."""
-    out = {}
-    for what, uri in report["artifacts"].items():
-        folder = posixpath.dirname(uri) if "*" in uri else uri
-        out[what] = folder if "://" in folder else Path(folder).as_uri()
-    return out
+def output_places(report: dict) -> dict[str, str]:
+    """Where each output lives (predictions are a glob in their folder, so the folder is given)."""
+    return {what: posixpath.dirname(uri) if "*" in uri else uri for what, uri in report["artifacts"].items()}
 
 
-def publish_artifacts(dataset: str, report: dict, cached: dict[str, bool], tmpl: Templates | None = None) -> None:
+def place(uri: str) -> str:
+    """Markdown for a place: a link a browser can open (http, https), else the plain path or URL in
+    code (a browser refuses file:// links from a web page, and has no s3:// at all)."""
+    return f"[{uri}]({uri})" if uri.startswith(("http://", "https://")) else f"`{uri}`"
+
+
+def history_table(request: Request, limit: int = 10) -> list[dict]:
+    """The last runs of this dataset and headline metric in this root, newest first, each with the
+    change in balanced accuracy since the run before it."""
+    rows = [r for r in read_history(Root(request.root)).to_pylist()
+            if r["dataset"] == request.dataset and r["metric"] == request.options.metric]
+    out = []
+    for prev, row in zip([None, *rows], rows):
+        change = None if prev is None else round(row["balanced"] - prev["balanced"], 4)
+        out.append({"time": f"{row['time']:%Y-%m-%d %H:%M:%S}", "run": row["run_id"][:8], "balanced": row["balanced"],
+                    "change": change, **{p["class"]: p["accuracy"] for p in row["per_class"]},
+                    "cached steps": sum(s["cached"] for s in row["steps"]), "seconds": row["total_seconds"]})
+    return out[::-1][:limit]
+
+
+def publish_artifacts(request: Request, result: RunResult) -> None:
     """The run's summary in the Prefect UI: the Markdown report with the templates, the steps
-    cached and links to the outputs, a per-class table, and a link to the report folder."""
+    cached and where the outputs are, a per-class table, the last runs' accuracy, and the report
+    folder."""
+    report, cached, tmpl = result.report, result.cached, result.outputs.templates
+    dataset, prefix = request.dataset, artifact_prefix(request)
     head = report["metrics"][report["metric"]]
     summary = (f"{report['metric']} balanced {head['balanced']} "
                f"({', '.join(f'{c}: {a}' for c, a in head['per_class'].items())})")
-    links = output_links(report)
+    places = output_places(report)
     extra = ["", "## Steps", "", "| step | result |", "|---|---|",
              *[f"| {s} | {'cached' if cached.get(s) else 'computed'} |" for s in STEPS],
-             "", "## Links", "", *[f"- [{what}]({url})" for what, url in links.items()], ""]
-    create_markdown_artifact(key=artifact_key(dataset, "report"),
-                             markdown=render_markdown(report) + "\n".join((template_images(tmpl) if tmpl else []) + extra),
+             "", "## Outputs", "", *[f"- {what}: {place(uri)}" for what, uri in places.items()], ""]
+    create_markdown_artifact(key=artifact_key(prefix, "report"),
+                             markdown=render_markdown(report) + "\n".join(template_images(tmpl) + extra),
                              description=f"{summary}: pixel-similarity report for {dataset}")
     rows = [{"class": c, "train": report["counts"]["train"].get(c, 0), "valid": report["counts"]["valid"].get(c, 0),
              **{f"{m} accuracy": report["metrics"][m]["per_class"][c] for m in report["metrics"]}}
             for c in report["classes"]]
-    create_table_artifact(key=artifact_key(dataset, "accuracy"), table=rows,
+    create_table_artifact(key=artifact_key(prefix, "accuracy"), table=rows,
                           description=f"per-class accuracy for {dataset}")
-    create_link_artifact(links["report"], link_text=report["artifacts"]["report"],
-                         key=artifact_key(dataset, "report-folder"),
-                         description=f"the report files of this {dataset} run in the storage root")
+    create_table_artifact(key=artifact_key(prefix, "history"), table=history_table(request),
+                          description=f"the last runs of {dataset} ({report['metric']}) in this root, newest first, "
+                                      "with the change in balanced accuracy since the run before")
+    folder = places["report"]
+    if folder.startswith(("http://", "https://")):
+        create_link_artifact(folder, link_text=folder, key=artifact_key(prefix, "report-folder"),
+                             description=f"the report files of this {dataset} run in the storage root")
+    else:
+        create_markdown_artifact(key=artifact_key(prefix, "report-folder"),
+                                 markdown=f"Report folder: `{folder}`\n\nOpen `{folder}/report.html` in a browser.",
+                                 description=f"the report files of this {dataset} run in the storage root")

@@ -87,6 +87,7 @@ class Request:
     sha256: str | None = None                 # expected checksum of `source`
     root: str = DEFAULT_ROOT                  # storage root, a folder or fsspec URL
     refresh: bool = False                     # rebuild every step, reusing nothing
+    offline: bool = False                     # never touch the network ($PIXELSIM_OFFLINE=1 too)
     options: Options = field(default_factory=Options)
 
     def __post_init__(self) -> None:
@@ -104,9 +105,16 @@ class Request:
         if not self.root or not str(self.root).strip():
             raise OptionError("--root is empty: give a folder or fsspec URL")
 
+    def key(self) -> str:
+        """A short digest of what was asked (dataset, source, pin, options): the same for reruns."""
+        from pixelsim.storage.fetch import redact
+
+        return catalog.step_key("run", "1", self.dataset, redact(self.source) if self.source else None, self.sha256,
+                                self.options.to_dict())[:8]
+
     @classmethod
     def build(cls, dataset: str | None = None, source: str | None = None, sha256: str | None = None,
-              root: str = DEFAULT_ROOT, refresh: bool = False, **options: Any) -> Request:
+              root: str = DEFAULT_ROOT, refresh: bool = False, offline: bool = False, **options: Any) -> Request:
         """From flat parameters (the flow's form, the API's keywords); the dataset defaults to
         the source's file name, or to mnist_sample without a source."""
         unknown = set(options) - {f.name for f in dataclasses.fields(Options)}
@@ -115,7 +123,8 @@ class Request:
         if dataset is None:
             from pixelsim.tasks.download import dataset_name
             dataset = dataset_name(source) if source else DEFAULT_DATASET
-        return cls(dataset=dataset, source=source, sha256=sha256, root=root, refresh=refresh,
+        offline = bool(offline) or os.environ.get("PIXELSIM_OFFLINE", "").lower() in ("1", "true", "yes")
+        return cls(dataset=dataset, source=source, sha256=sha256, root=root, refresh=refresh, offline=offline,
                    options=Options(**{k: v for k, v in options.items() if v is not None}))
 
 
@@ -147,6 +156,10 @@ class Output:
         """What the manifest stores: everything but where the root is (a root can move)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("root", "digest")}
 
+    def describe(self) -> str:
+        """One line for a log: what this output holds."""
+        return self.dir
+
     def verify(self) -> dict:
         """The folder's manifest, once every file it lists checks out and it is still this output."""
         manifest = Root(self.root).verify(self.dir, deep=self.DEEP)
@@ -172,6 +185,9 @@ class Archive(Output):
     bytes: int = 0
     md5_head: str = ""
 
+    def describe(self) -> str:
+        return f"{self.bytes:,} bytes (sha256 {self.sha256[:12]}) from {self.url}"
+
 
 @dataclass(frozen=True)
 class Tree(Output):
@@ -181,6 +197,9 @@ class Tree(Output):
     DEEP: ClassVar[bool] = False
     files: int = 0
     archive_sha256: str = ""
+
+    def describe(self) -> str:
+        return f"{self.files:,} files unpacked from archive {self.archive_sha256[:12]}"
 
 
 @dataclass(frozen=True)
@@ -231,6 +250,13 @@ class Part:
     skipped: tuple[str, ...] = ()                              # bad files left out (shards)
     confusion: dict[str, list[list[int]]] = field(default_factory=dict)   # per metric (predictions)
 
+    def describe(self) -> str:
+        if self.confusion:
+            return f"{self.rows:,} images predicted by {', '.join(self.confusion)}"
+        skipped = f", {len(self.skipped)} bad file(s) left out" if self.skipped else ""
+        per_class = ", ".join(f"{c}: {n:,}" for c, n in self.counts.items())
+        return f"{self.rows:,} images ({per_class}){skipped}, {self.bytes:,} bytes"
+
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "skipped": list(self.skipped)}
 
@@ -256,6 +282,9 @@ class Templates(Output):
     dataset: str = ""
     classes: list[str] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{len(self.classes)} class templates from {sum(self.counts.values()):,} training images"
 
 
 @dataclass(frozen=True)
@@ -292,6 +321,11 @@ class Report(Output):
 
     def record(self) -> dict[str, Any]:
         return {"dir": self.dir}     # the report itself is report.json, which the manifest lists
+
+    def describe(self) -> str:
+        r = self.report
+        m = r["metrics"][r["metric"]]
+        return f"{r['metric']} balanced {m['balanced']} over {len(r['classes'])} classes"
 
     @classmethod
     def load(cls, root: str, rel: str) -> Report:

@@ -11,11 +11,12 @@ from urllib.parse import urlsplit
 from pixelsim.storage import catalog
 from pixelsim.storage.archive import pack_folder
 from pixelsim.storage.cache import Outcome, reuse_or_build
+from pixelsim.storage.errors import IntegrityError
 from pixelsim.storage.fetch import Fetched, Pins, fetch, redact
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Archive
 
-VERSION = "2"
+VERSION = "3"
 
 
 def archive_name(url: str) -> str:
@@ -32,6 +33,29 @@ def dataset_name(url: str) -> str:
     return name.lower() or "dataset"
 
 
+def archive_dir(url: str, pins: dict | None, fingerprint: dict | None = None) -> str:
+    """Where the archive of this source lives in the root. Pinned bytes (a sha256, or fastai's
+    size and md5 of the first MiB) are keyed by the pins alone: the same bytes from any URL or
+    path, and found without asking the source anything."""
+    pins = pins or {}
+    if pins.get("sha256"):
+        inputs = ["sha256", pins["sha256"].lower()]
+    elif pins.get("size") and pins.get("md5_head"):
+        inputs = ["pins", pins["size"], pins["md5_head"]]
+    else:
+        inputs = [redact(url), fingerprint or {}, pins]
+    return catalog.archive_dir(catalog.step_key("download", VERSION, *inputs))
+
+
+def in_root(root: str, url: str, pins: dict | None) -> bool:
+    """Whether the pinned archive of this source is already published in the root (no network)."""
+    try:
+        Archive.load(root, archive_dir(url, pins))
+        return True
+    except IntegrityError:
+        return False
+
+
 def download_archive(url: str, root: str, pins: dict | None = None, attempts: int = 5,
                      fingerprint: dict | None = None, refresh: bool = False) -> Outcome[Archive]:
     """Fetch `url` into archives/<key>/<name>. A source pinned by sha256 is keyed by that digest
@@ -40,9 +64,7 @@ def download_archive(url: str, root: str, pins: dict | None = None, attempts: in
     same URL is fetched again) and its pins."""
     r = Root(root)
     shown = redact(url)
-    pinned = (pins or {}).get("sha256")
-    inputs = ["sha256", pinned.lower()] if pinned else [shown, fingerprint or {}, pins or {}]
-    rel = catalog.archive_dir(catalog.step_key("download", VERSION, *inputs))
+    rel = archive_dir(url, pins, fingerprint)
 
     def build() -> Archive:
         name = archive_name(url)

@@ -68,3 +68,14 @@ def test_the_cli_refuses_a_bad_option_in_one_line_before_prefect_starts(tmp_path
         assert p.returncode == 2, (args, p.stderr)
         assert p.stderr.count("\n") == 1 and p.stderr.startswith("pixelsim: error: ") and line in p.stderr, p.stderr
         assert not (tmp_path / "root").exists()
+
+
+def test_version_is_the_installed_one(tmp_path):
+    import tomllib
+
+    want = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]["version"]
+    p = subprocess.run([sys.executable, "-m", "pixelsim.flows.cli", "--version"], capture_output=True, text=True,
+                       timeout=60, env=base_env(tmp_path / "home"), cwd=tmp_path)
+    assert p.returncode == 0 and p.stdout.strip() == f"pixelsim {want}", p.stderr
+    import pixelsim
+    assert pixelsim.__version__ == want

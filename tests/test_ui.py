@@ -94,16 +94,20 @@ def terminal_run(ui_server, tmp_path_factory):
     dataset = f"ui_{uuid.uuid4().hex[:8]}"
     env = {**base_env(tmp / "home"), "PREFECT_API_URL": ui_server, "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "results"),
            "TERM": "xterm-256color", "COLUMNS": "120"}
-    code, out, terminal = run_on_terminal(["run", "--source", str(TINY), "--dataset", dataset,
-                                           "--root", str(tmp / "root"), "--json"], env, tmp)
+    args = ["run", "--source", str(TINY), "--dataset", dataset, "--root", str(tmp / "root"), "--json"]
+    code, out, terminal = run_on_terminal(args, env, tmp)
     assert code == 0, terminal[-3000:]
-    key = f"pixelsim-{dataset.replace('_', '-')}"
+    from pixelsim.flows.ui import artifact_key, artifact_prefix
+    from pixelsim.tasks.contracts import Request
+
+    request = Request.build(dataset=dataset, source=str(TINY), root=str(tmp / "root"))
+    key = artifact_key(artifact_prefix(request), "").rstrip("-")
     with client(ui_server) as c:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
         (report,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-report"])))
     return {"report": json.loads(out), "terminal": terminal, "key": key, "run_id": report.flow_run_id,
-            "root": tmp / "root"}
+            "root": tmp / "root", "request": request, "args": args, "env": env, "cwd": tmp}
 
 
 def test_progress_bars_on_a_terminal(terminal_run):
@@ -117,7 +121,7 @@ def test_progress_bars_on_a_terminal(terminal_run):
 def test_no_progress_bar_without_a_terminal(cli):
     r = cli("run", "--source", str(TINY), "--json")
     assert r.code == 0, r.stderr
-    assert "━" not in r.stderr and "shards" not in r.stderr and "\r" not in r.stderr
+    assert "━" not in r.stderr and not re.search(r"\d+/\d+ shards", r.stderr) and "\r" not in r.stderr
     assert "Finished in state Completed()" in r.stderr
 
 
@@ -125,11 +129,13 @@ def test_run_artifacts(terminal_run, ui_server):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     key = terminal_run["key"]
+    assert re.fullmatch(r"pixelsim-ui-[0-9a-f]{8}-l1-[0-9a-f]{6}", key)   # dataset, metric, storage root
     with client(ui_server) as c:
         arts = c.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[terminal_run["run_id"]])))
     by_key = {a.key: a for a in arts}
-    assert set(by_key) == {f"{key}-{what}" for what in ("report", "accuracy", "convert-progress", "report-folder")}
+    assert set(by_key) == {f"{key}-{what}" for what in ("report", "accuracy", "convert-progress", "report-folder",
+                                                         "history")}
 
     report = by_key[f"{key}-report"]
     assert report.type == "markdown" and "l1 balanced 0.9314 (3: 0.8829, 7: 0.98)" in report.description
@@ -138,18 +144,62 @@ def test_run_artifacts(terminal_run, ui_server):
     assert [c for _, c in pngs] == ["3", "7"]
     assert all(Image.open(io.BytesIO(base64.b64decode(b))).size == (28, 28) for b, _ in pngs)
     assert "| step | result |" in md and "| convert | computed |" in md
-    links = dict(re.findall(r"^- \[(\w+)\]\((file://[^)]+)\)$", md, re.M))
-    assert set(links) == {"shards", "templates", "predictions", "report"}
-    assert Path(unquote(urlsplit(links["report"]).path), "report.json").exists()
+    # a local root's places are plain paths: a browser refuses file:// links from the UI's page
+    places = dict(re.findall(r"^- (\w+): `([^`]+)`$", md, re.M))
+    assert set(places) == {"shards", "templates", "predictions", "report"} and "file://" not in md
+    assert Path(places["report"], "report.json").exists()
 
     table = json.loads(by_key[f"{key}-accuracy"].data)
     assert {r["class"]: r["l1 accuracy"] for r in table} == {"3": 0.8829, "7": 0.98}
+    (last,) = json.loads(by_key[f"{key}-history"].data)
+    assert last["balanced"] == 0.9314 and last["change"] is None and last["3"] == 0.8829
 
     progress = by_key[f"{key}-convert-progress"]
     assert progress.type == "progress" and progress.data == 100 and "2 of 2 shards" in progress.description
 
     folder = by_key[f"{key}-report-folder"]
-    assert folder.data.endswith(f"]({links['report']})")
+    assert f"`{places['report']}/report.html`" in folder.data
+
+
+def test_run_name_tags_task_names_and_logs_tell_the_story(terminal_run, ui_server):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    request = terminal_run["request"]
+    with client(ui_server) as c:
+        run = c.read_flow_run(terminal_run["run_id"])
+        tasks = c.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    assert run.name == f"{request.dataset}-l1-{request.key()}"
+    assert {"pixelsim", f"dataset:{request.dataset}", "metric:l1"} <= set(run.tags)
+    assert sorted(t.name for t in tasks) == ["convert-train-00000", "convert-valid-00000", "download",
+                                             "evaluate-00000", "report", "templates", "untar"]
+    text = "\n".join(log.message for log in logs)
+    assert re.search(r"built: archives/\w+: 324,166 bytes \(sha256 3d615568923a\)", text), text
+    assert "built: extracted/" in text and "1,401 files unpacked" in text
+    assert re.search(r"built: shards/ui_\w+/\w+/train-00000-of-00001.parquet: 700 images \(3: 350, 7: 350\)", text)
+    assert "2 class templates from 700 training images" in text and "700 images predicted by l1, rmse" in text
+    assert f"{request.dataset}: l1 accuracy 3 0.8829, 7 0.98, balanced 0.9314" in text
+    assert f"report: {terminal_run['report']['artifacts']['report']}/report.html" in text
+
+
+def test_a_fully_cached_run_shows_no_progress_and_the_change_since_the_last_run(terminal_run, ui_server):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, LogFilter, LogFilterFlowRunId
+
+    p = subprocess.run([PIXELSIM, *terminal_run["args"]], env=terminal_run["env"], cwd=terminal_run["cwd"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    name = re.search(r"Flow run '([^']+)'", p.stderr).group(1)
+    key = terminal_run["key"]
+    with client(ui_server) as c:
+        (run,) = [r for r in c.read_flow_runs() if r.name == name and r.id != terminal_run["run_id"]]
+        arts = c.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        logs = c.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    assert name == terminal_run["request"].dataset + "-l1-" + terminal_run["request"].key()  # the same request
+    by_key = {a.key: a for a in arts}
+    assert f"{key}-convert-progress" not in by_key     # nothing was converted
+    newest, older = json.loads(by_key[f"{key}-history"].data)[:2]
+    assert newest["change"] == 0.0 and older["change"] is None and newest["cached steps"] == 6
+    assert "reused from the storage root: shards/" in "\n".join(log.message for log in logs)
 
 
 def chromium(url: str, *flags: str) -> subprocess.CompletedProcess:
@@ -166,7 +216,7 @@ def test_ui_renders_the_run_artifacts(terminal_run, ui_server, tmp_path):
     key = terminal_run["key"]
     page = f"{ui}/runs/flow-run/{terminal_run['run_id']}?tab=Artifacts"
     dom = chromium(page, "--dump-dom").stdout.decode()
-    for what in ("report", "accuracy", "convert-progress", "report-folder"):
+    for what in ("report", "accuracy", "convert-progress", "report-folder", "history"):
         assert f"{key}-{what}" in dom, f"{what} card missing from {page}"
 
     shot = tmp_path / "artifacts.png"
@@ -177,8 +227,10 @@ def test_ui_renders_the_run_artifacts(terminal_run, ui_server, tmp_path):
     assert hi - lo > 100 and len(img.getcolors(1 << 16)) > 20, "blank screenshot"
 
     with client(ui_server) as c:
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-        (report,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-report"])))
+        (report,) = c.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"{key}-report"]),
+            flow_run_id=ArtifactFilterFlowRunId(any_=[terminal_run["run_id"]])))
     dom = chromium(f"{ui}/artifacts/artifact/{report.id}", "--dump-dom").stdout.decode()
     assert dom.count('src="data:image/png;base64,') == 2, "templates not rendered in the report artifact"
