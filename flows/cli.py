@@ -76,6 +76,7 @@ def run_options(run: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pixelsim", description=__doc__)
     p.add_argument("--version", action="version", version=f"pixelsim {version()}")
+    p.add_argument("--verbose", action="store_true", help="show the traceback of an error, not only its line")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pixel-similarity flow")
     run_options(run)
@@ -95,7 +96,52 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every failure ends in one line `pixelsim: error: ...` (exit 1; 2 for a bad option), with
+    the traceback only under --verbose; Ctrl-C and a closed pipe end quietly."""
     args = parser().parse_args(argv)
+    from pixelsim.storage.errors import OptionError, PixelsimError
+
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        print("pixelsim: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:   # the reader went away (`pixelsim show --json | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (PixelsimError, OSError) as e:
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"pixelsim: error: {error_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, OptionError) else 1
+
+
+def error_line(e: BaseException) -> str:
+    """What went wrong and where: an OS error names its file and what to check."""
+    if isinstance(e, OSError) and not hasattr(e, "url") and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+def quiet_tracebacks() -> None:
+    """Prefect logs a failed task with its traceback; the one line at the end says it all."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    class NoTraceback(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            record.exc_info, record.exc_text = None, None
+            return True
+
+    for lg in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
+        for h in getattr(lg, "handlers", []):
+            if isinstance(h, PrefectConsoleHandler):
+                h.addFilter(NoTraceback())
+
+
+def command(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         from pixelsim.flows.datasets import DATASETS
         for d in DATASETS.values():
@@ -103,14 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "show":
         from pixelsim.flows.show import show
-        from pixelsim.storage.errors import PixelsimError
-        try:
-            print(show(args.run, args.root, args.json))
-        except PixelsimError as e:
-            print(f"pixelsim: error: {e}", file=sys.stderr)
-            return 1
+        print(show(args.run, args.root, args.json))
         return 0
-    from pixelsim.storage.errors import OptionError, PixelsimError
     from pixelsim.tasks.contracts import Request
 
     classes = args.classes.split(",") if args.classes is not None else None
@@ -119,11 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                   resize=args.resize, classes=classes, train_split=args.train_split,
                   valid_split=args.valid_split, device=args.device,
                   sha256=args.sha256, skip_bad=args.skip_bad, offline=args.offline)
-    try:
-        request = Request.build(**params)   # every option checked before Prefect starts
-    except OptionError as e:
-        print(f"pixelsim: error: {e}", file=sys.stderr)
-        return 2
+    request = Request.build(**params)   # every option checked before Prefect starts
+    from pixelsim.storage.root import Root
+
+    Root(request.root).ensure()
     params["dataset"] = request.dataset
     _quiet_prefect_defaults()
     from prefect import tags
@@ -137,12 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve(params, cron=args.cron, name=args.name or request.dataset, task_runner=runner,
                      tags=run_tags(request))
     from pixelsim.flows.progress import terminal_progress
-    try:
-        with terminal_progress(sys.stderr.isatty()), tags(*run_tags(request)):
-            out = pixel_similarity.with_options(task_runner=runner)(**{**params, "source": masked_source(args.source)})
-    except PixelsimError as e:
-        print(f"pixelsim: error: {e}", file=sys.stderr)
-        return 1
+    if not args.verbose:
+        quiet_tracebacks()
+    with terminal_progress(sys.stderr.isatty()), tags(*run_tags(request)):
+        out = pixel_similarity.with_options(task_runner=runner)(**{**params, "source": masked_source(args.source)})
     rep = out.report
     if args.json:
         print(json.dumps(rep, indent=2))

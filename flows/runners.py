@@ -8,6 +8,7 @@ each as a Prefect task run. Either way the cache is the storage root.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import random
 import time
@@ -24,11 +25,19 @@ RETRIES = 2          # further attempts after a transient failure (a step's own 
 RETRY_DELAY_S = 1.0  # doubled on each retry, with jitter
 
 
+# OS errors that no retry can mend: a missing file, no permission, a read-only or full disk
+PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+                    errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL}
+
+
 def is_transient(error: BaseException) -> bool:
-    """Retry storage hiccups and transient errors; never a permanent one (bad input)."""
+    """Retry storage hiccups and transient errors; never a permanent one (bad input, a missing
+    file, no permission, a read-only or full disk)."""
     if isinstance(error, TransientError):
         return True
     if isinstance(error, PixelsimError):
+        return False
+    if isinstance(error, OSError) and error.errno in PERMANENT_ERRNOS:
         return False
     return isinstance(error, (OSError, TimeoutError))
 

@@ -54,6 +54,12 @@ class Root:
         self.local = isinstance(self.fs, LocalFileSystem)
         self.base = os.path.abspath(base) if self.local else base.rstrip("/")
 
+    def ensure(self) -> None:
+        """Create a local root now, so that an unusable one (a file, no permission, a read-only
+        disk) fails before any work, naming itself; an object store needs nothing."""
+        if self.local:
+            os.makedirs(self.base, exist_ok=True)
+
     # -- paths -----------------------------------------------------------------
     def path(self, rel: str) -> str:
         return posixpath.join(self.base, rel) if rel else self.base

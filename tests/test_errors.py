@@ -1,0 +1,64 @@
+"""One honest error contract: one line naming what and where, no traceback unless --verbose,
+permanent OS errors never retried, a closed pipe and Ctrl-C end quietly."""
+from __future__ import annotations
+
+import errno
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PIXELSIM, TINY, base_env
+from pixelsim.flows.runners import is_transient
+from pixelsim.storage.errors import ChecksumError, TransientDownloadError
+
+
+@pytest.mark.parametrize("error,transient", [
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/x"), False),
+    (PermissionError(errno.EACCES, "Permission denied", "/x"), False),
+    (OSError(errno.ENOSPC, "No space left on device"), False),
+    (OSError(errno.EROFS, "Read-only file system"), False),
+    (ChecksumError("u", "sha256 differs"), False),
+    (ConnectionResetError(errno.ECONNRESET, "reset"), True),
+    (TimeoutError("slow"), True),
+    (TransientDownloadError("u", "HTTP 503"), True),
+])
+def test_only_errors_a_retry_can_mend_are_retried(error, transient):
+    assert is_transient(error) is transient
+
+
+def run(args: list[str], tmp_path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([PIXELSIM, *args], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=base_env(tmp_path / "home"), **kw)
+
+
+@pytest.mark.parametrize("root", ["/proc/pixelsim-root", "a-file"])
+def test_an_unusable_root_is_one_line_before_prefect_starts(tmp_path, root):
+    (tmp_path / "a-file").write_text("not a folder")
+    p = run(["run", "--source", str(TINY), "--root", root], tmp_path)
+    assert p.returncode == 1
+    assert p.stderr.startswith("pixelsim: error: ") and p.stderr.count("\n") == 1, p.stderr   # Prefect never started
+    assert root in p.stderr
+
+
+def test_a_failed_run_ends_in_one_line_and_shows_the_traceback_only_when_asked(cli, tmp_path):
+    bad = tmp_path / "notes.tgz"
+    bad.write_text("these are not the images you are looking for\n")
+    quiet = cli("run", "--source", str(bad))
+    assert quiet.code == 1 and "Traceback" not in quiet.stderr, quiet.stderr
+    last = quiet.stderr.strip().splitlines()[-1]
+    assert last.startswith("pixelsim: error: ") and "notes.tgz" in last
+    loud = cli("--verbose", "run", "--source", str(bad), "--root", str(cli.root))
+    assert loud.code == 1 and "Traceback" in loud.stderr and loud.stderr.strip().splitlines()[-1] == last
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    import pixelsim
+
+    pixelsim.run(source=str(TINY), root=str(tmp_path / "root"), shard_size=300)
+    p = subprocess.Popen([PIXELSIM, "show", "--root", str(tmp_path / "root"), "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=base_env(tmp_path / "home"), cwd=tmp_path)
+    p.stdout.read(10)
+    p.stdout.close()          # as `| head -c 10` does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 0 and err == "", err
