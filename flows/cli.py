@@ -87,6 +87,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="deployment name (default: the dataset's name)")
     run_options(serve)
     sub.add_parser("datasets", help="list the named datasets")
+    server = sub.add_parser("server", help="a local Prefect server in the background, used by every later run "
+                            "without PREFECT_API_URL instead of a temporary one")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.add_argument("--port", type=int, help=f"port on 127.0.0.1 (default {4200}, else a free one)")
     show = sub.add_parser("show", help="a past run's summary, from the stored files (no Prefect needed)")
     show.add_argument("run", nargs="?", help="a run id (or a unique prefix) or a report folder; default: the latest run")
     show.add_argument("--root", default=default_root(),
@@ -115,6 +119,23 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"pixelsim: error: {error_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, OptionError) else 1
+
+
+def server_command(action: str, port: int | None) -> int:
+    from pixelsim.flows import server
+
+    if action == "start":
+        state, started = server.start(port)
+        print(f"Prefect server {'started' if started else 'already running'} in the background: UI at {state['ui']}, "
+              f"API {state['api']} (log: {state['log']}).\nEvery `pixelsim run` without PREFECT_API_URL now uses it; "
+              "stop it with `pixelsim server stop`.")
+        return 0
+    if action == "stop":
+        print("stopped the Prefect server" if server.stop() else "no Prefect server started by pixelsim is running")
+        return 0
+    state = server.running()
+    print(f"running: UI at {state['ui']}, API {state['api']}" if state else "not running")
+    return 0 if state else 1
 
 
 def error_line(e: BaseException) -> str:
@@ -147,6 +168,8 @@ def command(args: argparse.Namespace) -> int:
         for d in DATASETS.values():
             print(f"{d.name:14} {d.description}\n{'':14} {d.url}" + ("  (bundled offline copy)" if d.bundled else ""))
         return 0
+    if args.command == "server":
+        return server_command(args.action, args.port)
     if args.command == "show":
         from pixelsim.flows.show import show
         print(show(args.run, args.root, args.json))
@@ -164,6 +187,10 @@ def command(args: argparse.Namespace) -> int:
 
     Root(request.root).ensure()
     params["dataset"] = request.dataset
+    from pixelsim.flows.server import use_running_server
+
+    if ui := use_running_server():
+        print(f"pixelsim: using the Prefect server started by `pixelsim server start`: UI at {ui}", file=sys.stderr)
     _quiet_prefect_defaults()
     from prefect import tags
 
