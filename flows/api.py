@@ -34,6 +34,9 @@ def run(dataset: str | None = None, source: str | None = None, root: str | None 
 
     request = Request.build(dataset=dataset, source=source, sha256=sha256, root=root or default_root(),
                             refresh=refresh, offline=offline, **options)
+    from pixelsim.flows.datasets import check_request
+
+    check_request(request)
     Root(request.root).ensure()
     return run_pipeline(request, PlainRunner(request.refresh))
 

@@ -25,6 +25,59 @@ def _size(text: str) -> list[int]:
     return [h, w]
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return n
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, suggesting the closest option for a mistyped one."""
+
+    def error(self, message: str):
+        import difflib
+        import re
+
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice and (close := difflib.get_close_matches(choice[1], re.findall(r"'([^']*)'", choice[2]), n=1)):
+            message += f" (did you mean {close[0]}?)"
+        bad = re.findall(r"unrecognized arguments: (.*)", message)
+        if bad:
+            parsers, known = [self], []
+            while parsers:
+                here = parsers.pop()
+                for a in here._actions:
+                    known += a.option_strings
+                    if isinstance(a, argparse._SubParsersAction):
+                        parsers += list(a.choices.values())
+            for word in bad[0].split():
+                if word.startswith("-") and (close := difflib.get_close_matches(word.split("=")[0], known, n=1)):
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        super().error(message)
+
+
+EPILOG = """examples:
+  pixelsim run                                      mnist_sample (official URL, else the bundled copy)
+  pixelsim run --dataset mnist_tiny --metric rmse
+  pixelsim run --source https://host/data.tgz --sha256 HEX --resize 28x28
+  pixelsim run --source ./my-images/ --dataset mine --classes cat,dog
+  pixelsim server start                             a background Prefect server for every later run
+
+environment:
+  PIXELSIM_ROOT           default --root (./pixelsim-data)
+  PIXELSIM_OFFLINE=1      as --offline
+  PIXELSIM_URL_<DATASET>  a mirror of a named dataset's official URL
+  PIXELSIM_DECODE_WORKERS size of convert's process pool (0: decode in place)
+  PIXELSIM_LOCK_DIR       where step locks live for an object-store root
+  PREFECT_API_URL         a Prefect server to report to (else pixelsim's own, else a temporary one)
+"""
+
+
 def _cron(text: str) -> str:
     from prefect.client.schemas.schedules import CronSchedule
     try:
@@ -69,20 +122,21 @@ def run_options(run: argparse.ArgumentParser) -> None:
                      help="leave out at most N unreadable images (listed in the report) instead of failing")
     run.add_argument("--task-runner", choices=["thread", "process", "dask"], default="thread",
                      help="where mapped steps (convert, evaluate) run")
-    run.add_argument("--workers", type=int, help="parallel workers for the task runner (default: CPU count)")
+    run.add_argument("--workers", type=_positive, help="parallel workers for the task runner (default: CPU count)")
     run.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (with --task-runner dask)")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pixelsim", description=__doc__)
+    p = Parser(prog="pixelsim", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"pixelsim {version()}")
     p.add_argument("--verbose", action="store_true", help="show the traceback of an error, not only its line")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pixel-similarity flow")
+    fmt = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    run = sub.add_parser("run", help="run the pixel-similarity flow", epilog=EPILOG, formatter_class=fmt)
     run_options(run)
     run.add_argument("--json", action="store_true", help="print exactly the report JSON on stdout")
     serve = sub.add_parser("serve", help="serve the flow on a cron schedule from this process "
-                           "(needs a Prefect server: PREFECT_API_URL)")
+                           "(needs a Prefect server: PREFECT_API_URL)", formatter_class=fmt)
     serve.add_argument("--cron", type=_cron, required=True, help="when to run, in UTC, e.g. '0 2 * * *'")
     serve.add_argument("--name", help="deployment name (default: the dataset's name)")
     run_options(serve)
@@ -183,8 +237,13 @@ def command(args: argparse.Namespace) -> int:
                   valid_split=args.valid_split, device=args.device,
                   sha256=args.sha256, skip_bad=args.skip_bad, offline=args.offline)
     request = Request.build(**params)   # every option checked before Prefect starts
+    from pixelsim.flows.datasets import check_request
     from pixelsim.storage.root import Root
 
+    if request.options.device != "cpu":   # torch's import (2 s) is worth it: no failed run for a missing GPU
+        from pixelsim.tasks.templates import torch_device
+        torch_device(request.options.device)
+    check_request(request)
     Root(request.root).ensure()
     params["dataset"] = request.dataset
     from pixelsim.flows.server import use_running_server

@@ -79,3 +79,31 @@ def test_version_is_the_installed_one(tmp_path):
     assert p.returncode == 0 and p.stdout.strip() == f"pixelsim {want}", p.stderr
     import pixelsim
     assert pixelsim.__version__ == want
+
+
+@pytest.mark.parametrize("args,line,code", [
+    (["run", "--dataset", "mnist_smaple"], "--dataset mnist_smaple: not a named dataset; did you mean mnist_sample?", 2),
+    (["run", "--source", "/nowhere/x.tgz"], "--source /nowhere/x.tgz: no such file or folder", 2),
+    (["run", "--workers", "0"], "argument --workers: expected a whole number of at least 1, got '0'", 2),
+    (["run", "--shard-sise", "3"], "unrecognized arguments: --shard-sise 3 (did you mean --shard-size?)", 2),
+    (["rn"], "invalid choice: 'rn'", 2),
+    (["run", "--device", "tpu9"], "--device tpu9: ", 1),
+])
+def test_mistakes_are_caught_before_any_flow_run(tmp_path, args, line, code):
+    p = subprocess.run([sys.executable, "-m", "pixelsim.flows.cli", *args, *(["--root", str(tmp_path / "r")]
+                        if args[0] == "run" else [])], capture_output=True, text=True, timeout=60,
+                       env=base_env(tmp_path / "home"), cwd=tmp_path)
+    assert p.returncode == code, p.stderr
+    assert line in p.stderr and "Beginning flow run" not in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not (tmp_path / "home" / "prefect.db").exists()          # Prefect never started
+    if args == ["rn"]:
+        assert "(did you mean run?)" in p.stderr
+
+
+def test_help_shows_defaults_examples_and_the_environment(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "pixelsim.flows.cli", "run", "--help"], capture_output=True, text=True,
+                       timeout=60, env=base_env(tmp_path / "home"), cwd=tmp_path)
+    text = " ".join(p.stdout.split())
+    assert p.returncode == 0
+    assert "images per Parquet shard (default: 5000)" in text and "(default: l1)" in text
+    assert "pixelsim run --dataset mnist_tiny" in text and "PIXELSIM_OFFLINE=1" in text and "PIXELSIM_ROOT" in text
