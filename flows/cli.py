@@ -140,7 +140,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--cron", type=_cron, required=True, help="when to run, in UTC, e.g. '0 2 * * *'")
     serve.add_argument("--name", help="deployment name (default: the dataset's name)")
     run_options(serve)
-    sub.add_parser("datasets", help="list the named datasets")
+    datasets = sub.add_parser("datasets", help="list the named datasets, and which work offline")
+    datasets.add_argument("--root", default=default_root(), help="storage root to look in")
     server = sub.add_parser("server", help="a local Prefect server in the background, used by every later run "
                             "without PREFECT_API_URL instead of a temporary one")
     server.add_argument("action", choices=["start", "stop", "status"])
@@ -219,8 +220,13 @@ def quiet_tracebacks() -> None:
 def command(args: argparse.Namespace) -> int:
     if args.command == "datasets":
         from pixelsim.flows.datasets import DATASETS
+        from pixelsim.tasks.download import in_root
         for d in DATASETS.values():
-            print(f"{d.name:14} {d.description}\n{'':14} {d.url}" + ("  (bundled offline copy)" if d.bundled else ""))
+            here = in_root(args.root, d.source_url(), d.pins) or bool(
+                d.bundled and in_root(args.root, d.bundled_path(), d.bundled_pins))
+            offline = "in the root, no network needed" if here else "bundled copy, works offline" if d.bundled \
+                else "needs the network once"
+            print(f"{d.name:14} {d.description}\n{'':14} {d.url}  ({offline})")
         return 0
     if args.command == "server":
         return server_command(args.action, args.port)
@@ -280,7 +286,7 @@ def command(args: argparse.Namespace) -> int:
     print(f"  balanced (mean of classes): {m['balanced']}   overall: {m['overall']}")
     print(f"reused cached results for {len(reused)} of {len(out.cached)} steps"
           + (f": {', '.join(reused)}" if reused else ""))
-    print(f"report: {rep['artifacts']['report']}")
+    print(f"report: {rep['artifacts']['report']}/report.html")
     print(f"run: {out.run_id} (see `pixelsim show {out.run_id[:8]}`; report.html in the report folder)")
     return 0
 

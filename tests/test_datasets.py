@@ -424,3 +424,23 @@ def test_datasets_lists_names_and_urls(tmp_path):
         assert len(at) == 1, (name, r.stdout)
         block = " ".join(lines[at[0]:at[0] + 2])
         assert url in block.split(), (name, r.stdout)
+
+
+def test_datasets_say_which_work_offline(tmp_path, monkeypatch):
+    import pixelsim
+    from conftest import free_port
+
+    root = tmp_path / "root"
+    monkeypatch.setenv("PIXELSIM_URL_MNIST_SAMPLE", f"http://127.0.0.1:{free_port()}/mnist_sample.tgz")
+
+    def listed() -> dict[str, str]:
+        r = subprocess.run([PIXELSIM, "datasets", "--root", str(root)], env=base_env(tmp_path / "home"),
+                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        return {lines[i].split()[0]: lines[i + 1].rsplit("(", 1)[1].rstrip(")") for i in range(0, len(lines), 2)}
+
+    assert listed() == {"mnist_sample": "bundled copy, works offline", "mnist_tiny": "needs the network once",
+                        "mnist": "needs the network once"}
+    pixelsim.run("mnist_sample", root=str(root))   # the official URL is closed: the bundled copy fills the root
+    assert listed()["mnist_sample"] == "in the root, no network needed"
