@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pixelsim.storage.locks import alive
+
 DEFAULT_PORT = 4200
 
 
@@ -39,23 +41,13 @@ def _healthy(api: str, timeout: float = 1.0) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running() -> dict | None:
     """The server pixelsim started, if it still answers: {"pid", "api", "ui", "log"}."""
     try:
         state = json.loads(state_file().read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or not _alive(int(state.get("pid", 0) or 0)) or not _healthy(state.get("api", "")):
+    if not isinstance(state, dict) or not alive(int(state.get("pid", 0) or 0)) or not _healthy(state.get("api", "")):
         return None
     return state
 
@@ -112,15 +104,15 @@ def stop(timeout: float = 30.0) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     stopped = False
-    if _alive(pid):
+    if alive(pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
             time.sleep(0.2)
-        if _alive(pid):
+        if alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
         stopped = True

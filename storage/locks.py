@@ -23,7 +23,8 @@ EMPTY_STALE_S = 10.0
 POLL_S = 0.1
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -77,7 +78,7 @@ class ExpiringLockManager:
         if info is None:
             return False
         pid = info.get("pid")
-        dead = info.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not _alive(pid)
+        dead = info.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not alive(pid)
         if dead or _expired(info.get("expiration")):
             self._path(key).unlink(missing_ok=True)
             return False
