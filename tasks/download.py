@@ -11,9 +11,8 @@ from urllib.parse import urlsplit
 from pixelsim.storage import catalog
 from pixelsim.storage.archive import pack_folder
 from pixelsim.storage.cache import Outcome, reuse_or_build
-from pixelsim.storage.errors import IntegrityError
 from pixelsim.storage.fetch import Fetched, Pins, fetch, redact
-from pixelsim.storage.root import Root
+from pixelsim.storage.root import MANIFEST, Root
 from pixelsim.tasks.contracts import Archive
 
 VERSION = "3"
@@ -48,11 +47,12 @@ def archive_dir(url: str, pins: dict | None, fingerprint: dict | None = None) ->
 
 
 def in_root(root: str, url: str, pins: dict | None) -> bool:
-    """Whether the pinned archive of this source is already published in the root (no network)."""
+    """Whether the pinned archive of this source is published in the root (no network). Only its
+    manifest is read: the download step then verifies the bytes (and fetches them again if damaged)."""
     try:
-        Archive.load(root, archive_dir(url, pins))
+        Root(root).read_json(posixpath.join(archive_dir(url, pins), MANIFEST))["record"]
         return True
-    except IntegrityError:
+    except (OSError, ValueError, LookupError, TypeError):
         return False
 
 
