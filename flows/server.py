@@ -20,17 +20,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pixelsim.storage.cache import prefect_home
 from pixelsim.storage.locks import alive
 
 DEFAULT_PORT = 4200
 
 
-def home() -> Path:
-    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
-
-
 def state_file() -> Path:
-    return home() / "pixelsim-server.json"
+    return prefect_home() / "pixelsim-server.json"
 
 
 def _healthy(api: str, timeout: float = 1.0) -> bool:
@@ -72,8 +69,8 @@ def start(port: int | None = None, timeout: float = 180.0) -> tuple[dict, bool]:
     if state := running():
         return state, False
     port = port or (DEFAULT_PORT if _free(DEFAULT_PORT) else _any_port())
-    api, log = f"http://127.0.0.1:{port}/api", home() / "pixelsim-server.log"
-    home().mkdir(parents=True, exist_ok=True)
+    api, log = f"http://127.0.0.1:{port}/api", prefect_home() / "pixelsim-server.log"
+    prefect_home().mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
            "PREFECT_SERVER_ANALYTICS_ENABLED": os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED", "false")}
     env.pop("PREFECT_API_URL", None)

@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 from pixelsim.storage.errors import IntegrityError, NotPublished
 from pixelsim.storage.locks import ExpiringLockManager
-from pixelsim.storage.root import MANIFEST, Root, digest_json, part_of
+from pixelsim.storage.root import MANIFEST, Root, digest_json, part_of, part_record
 
 T = TypeVar("T")
 LOCKS = "_locks"
@@ -48,8 +48,12 @@ def lock_dir(root: Root) -> Path:
         return Path(os.environ["PIXELSIM_LOCK_DIR"])
     if root.local:
         return Path(root.path(LOCKS))
-    home = os.environ.get("PREFECT_HOME") or os.path.join(os.path.expanduser("~"), ".prefect")
-    return Path(home) / "pixelsim-locks"
+    return prefect_home() / "pixelsim-locks"
+
+
+def prefect_home() -> Path:
+    """Where Prefect keeps this machine's state, read without importing Prefect."""
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
 
 
 def reuse_or_build(root: Root, rel: str, load: Callable[[], T], build: Callable[[], T], *,
@@ -111,10 +115,6 @@ def load_part(root: Root, rel: str) -> dict:
     if listed:
         raise IntegrityError(f"{root.uri(rel)}: listed in its folder's manifest but missing")
     raise NotPublished(f"{root.uri(rel)}: not built yet")
-
-
-def part_record(rel: str) -> str:
-    return part_of(rel) + ".json"
 
 
 def record_part(root: Root, rel: str, record: dict) -> None:

@@ -354,9 +354,17 @@ def part_of(rel: str) -> str:
     return posixpath.join(posixpath.dirname(rel), PARTS, posixpath.basename(rel))
 
 
+def part_record(rel: str) -> str:
+    """Where a part's record (its sha256, size and what its folder needs) waits beside it."""
+    return part_of(rel) + ".json"
+
+
 def publish_parts(root: Root, folder: str, results: list[dict], **meta: Any) -> str:
     """Promote the parts that tasks wrote (reused ones are already in place), then write the
-    manifest last and drop the parts' records; returns the manifest digest."""
+    manifest last and drop the parts' records; returns the manifest digest.
+
+    Each file was hashed in this run by the task that wrote or reused it, so it is not hashed
+    again here; one that has gone missing since is an IntegrityError."""
     for x in results:
         part = part_of(x["file"])
         if root.exists(part):
@@ -364,13 +372,13 @@ def publish_parts(root: Root, folder: str, results: list[dict], **meta: Any) -> 
                 root.promote(part, x["file"])
             except FileNotFoundError:
                 pass  # a concurrent run promoted the same (identical) part first
-        if root.sha256(x["file"]) != (x["sha256"], x["bytes"]):
-            raise IntegrityError(f"{root.uri(x['file'])}: does not match what its task wrote")
+        if not root.exists(x["file"]):
+            raise IntegrityError(f"{root.uri(x['file'])}: gone before its folder was published")
     files = [{"name": posixpath.basename(x["file"]), "bytes": x["bytes"], "sha256": x["sha256"]} for x in results]
     digest = root.write_manifest(folder, files, **meta)
     for x in results:
         with contextlib.suppress(OSError):
-            root.remove(part_of(x["file"]) + ".json")
+            root.remove(part_record(x["file"]))
     if root.local:
         with contextlib.suppress(OSError):
             os.rmdir(root.path(posixpath.join(folder, PARTS)))
