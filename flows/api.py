@@ -15,7 +15,7 @@ import numpy as np
 from pixelsim.storage import catalog
 from pixelsim.storage.artifacts import TEMPLATES, read_templates
 from pixelsim.storage.errors import PixelsimError
-from pixelsim.storage.history import read_history, read_run_record
+from pixelsim.storage.history import as_rows, read_history, read_run_record
 from pixelsim.storage.root import MANIFEST, Root
 from pixelsim.storage.shards import iter_arrays
 from pixelsim.tasks.contracts import Request, default_root
@@ -34,7 +34,7 @@ def run(dataset: str | None = None, source: str | None = None, root: str | None 
 
     request = Request.build(dataset=dataset, source=source, sha256=sha256, root=root or default_root(),
                             refresh=refresh, offline=offline, **options)
-    from pixelsim.flows.datasets import check_request
+    from pixelsim.flows.checks import check_request
 
     check_request(request)
     Root(request.root).ensure()
@@ -56,8 +56,7 @@ class Store:
         return read_history(self.root).to_pandas()
 
     def _rows(self) -> list[dict]:
-        table = read_history(self.root).select(["run_id", "dataset", "time"])
-        return table.to_pylist()
+        return as_rows(read_history(self.root).select(["run_id", "dataset", "time"]))
 
     def run(self, run_id: str) -> RunView:
         """A run by its id or a unique prefix of it."""

@@ -134,7 +134,8 @@ def parser() -> argparse.ArgumentParser:
     fmt = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
     run = sub.add_parser("run", help="run the pixel-similarity flow", epilog=EPILOG, formatter_class=fmt)
     run_options(run)
-    run.add_argument("--json", action="store_true", help="print exactly the report JSON on stdout")
+    run.add_argument("--json", action="store_true", help="print the run as JSON on stdout: run_id, record, cached, "
+                     "seconds, report_dir and report (the report JSON)")
     serve = sub.add_parser("serve", help="serve the flow on a cron schedule from this process "
                            "(needs a Prefect server: PREFECT_API_URL)", formatter_class=fmt)
     serve.add_argument("--cron", type=_cron, required=True, help="when to run, in UTC, e.g. '0 2 * * *'")
@@ -181,6 +182,8 @@ def server_command(action: str, port: int | None) -> int:
 
     if action == "start":
         state, started = server.start(port)
+        if started:
+            server.watch_crashes(state["api"])
         print(f"Prefect server {'started' if started else 'already running'} in the background: UI at {state['ui']}, "
               f"API {state['api']} (log: {state['log']}).\nEvery `pixelsim run` without PREFECT_API_URL now uses it; "
               "stop it with `pixelsim server stop`.")
@@ -243,7 +246,7 @@ def command(args: argparse.Namespace) -> int:
                   valid_split=args.valid_split, device=args.device,
                   sha256=args.sha256, skip_bad=args.skip_bad, offline=args.offline)
     request = Request.build(**params)   # every option checked before Prefect starts
-    from pixelsim.flows.datasets import check_request
+    from pixelsim.flows.checks import check_request
     from pixelsim.storage.root import Root
 
     if request.options.device != "cpu":   # torch's import (2 s) is worth it: no failed run for a missing GPU
@@ -252,17 +255,20 @@ def command(args: argparse.Namespace) -> int:
     check_request(request)
     Root(request.root).ensure()
     params["dataset"] = request.dataset
-    from pixelsim.flows.server import use_running_server
+    from pixelsim.flows import server
 
-    if ui := use_running_server():
-        print(f"pixelsim: using the Prefect server started by `pixelsim server start`: UI at {ui}", file=sys.stderr)
+    booting = server.use()   # a server started now boots while Prefect and the steps are imported
     _quiet_prefect_defaults()
     from prefect import tags
 
     from pixelsim.flows.pixel_similarity import masked_source, pixel_similarity, run_tags
-    from pixelsim.flows.prefect_runner import task_runner
+    from pixelsim.flows.prefect_runner import prompt_heartbeats, task_runner
 
     runner = task_runner(args.task_runner, args.workers, args.dask_address)
+    if booting:
+        server.wait_ready(booting)
+        if booting["started"]:
+            server.watch_crashes(booting["api"])
     if args.command == "serve":
         from pixelsim.flows.serve import serve
         return serve(params, cron=args.cron, name=args.name or request.dataset, task_runner=runner,
@@ -270,11 +276,11 @@ def command(args: argparse.Namespace) -> int:
     from pixelsim.flows.progress import terminal_progress
     if not args.verbose:
         quiet_tracebacks()
-    with terminal_progress(sys.stderr.isatty()), tags(*run_tags(request)):
+    with prompt_heartbeats(), terminal_progress(sys.stderr.isatty()), tags(*run_tags(request)):
         out = pixel_similarity.with_options(task_runner=runner)(**{**params, "source": masked_source(args.source)})
     rep = out.report
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print(json.dumps(out.summary(), indent=2))
         return 0
     reused = [k for k, v in out.cached.items() if v]
     m = rep["metrics"][args.metric]

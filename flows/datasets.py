@@ -38,21 +38,3 @@ DATASETS = {d.name: d for d in [
             "full MNIST, ten classes in training/ and testing/"),
 ]}
 
-
-def check_request(request) -> None:
-    """What can be told wrong about a request before any work: an unknown named dataset (with the
-    closest names), a local source that is not there. Raises OptionError naming the option."""
-    import difflib
-
-    from pixelsim.storage.errors import OptionError
-
-    if request.source is None and request.dataset not in DATASETS:
-        close = difflib.get_close_matches(request.dataset, list(DATASETS), n=3)
-        hint = f"did you mean {' or '.join(close)}? " if close else ""
-        raise OptionError(f"--dataset {request.dataset}: not a named dataset; {hint}"
-                          f"named ones: {', '.join(DATASETS)} (or pass --source)")
-    source = request.source
-    if source and ("://" not in source or source.startswith("file://")):
-        path = source.removeprefix("file://")
-        if not os.path.exists(path):
-            raise OptionError(f"--source {source}: no such file or folder")

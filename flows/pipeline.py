@@ -57,8 +57,14 @@ class RunResult:
 
     @property
     def report(self) -> dict[str, Any]:
-        """The report JSON, as `pixelsim run --json` prints it."""
+        """The report JSON (`report` in what `pixelsim run --json` prints)."""
         return self.outputs.report.report
+
+    def summary(self) -> dict[str, Any]:
+        """What `pixelsim run --json` prints: the run's id and record, what each step reused and
+        took, and the report (the same keys as `pixelsim show --json` where they overlap)."""
+        return {"run_id": self.run_id, "record": self.record, "cached": self.cached, "seconds": self.seconds,
+                "report_dir": self.report["artifacts"]["report"], "report": self.report}
 
 
 def run_pipeline(request: Request, runner: Runner) -> RunResult:

@@ -7,7 +7,7 @@ from prefect.runtime import flow_run
 from pydantic import SecretStr
 
 from pixelsim.flows.pipeline import RunResult, run_pipeline
-from pixelsim.flows.prefect_runner import PrefectRunner
+from pixelsim.flows.prefect_runner import PrefectRunner, heartbeats
 from pixelsim.flows.ui import ConvertProgress, artifact_prefix, publish_artifacts
 from pixelsim.storage.errors import PixelsimError
 from pixelsim.storage.fetch import redact
@@ -50,6 +50,8 @@ def pixel_similarity(dataset: str | None = None, source: str | SecretStr | None 
                             shard_size=shard_size, channels=channels, resize=resize, classes=classes,
                             train_split=train_split, valid_split=valid_split, device=device, skip_bad=skip_bad,
                             offline=offline)
-    result = run_pipeline(request, PrefectRunner(request.refresh, {"convert": ConvertProgress(artifact_prefix(request))}))
-    publish_artifacts(request, result)
+    with heartbeats():
+        result = run_pipeline(request, PrefectRunner(request.refresh,
+                                                     {"convert": ConvertProgress(artifact_prefix(request))}))
+        publish_artifacts(request, result)
     return result

@@ -6,9 +6,12 @@ Prefect's own result cache is not used: whether a step is skipped is decided fro
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -24,6 +27,60 @@ from pixelsim.storage.cache import Outcome
 
 RUNNERS = ("thread", "process", "dask")
 _tasks: dict[Callable, Task] = {}
+_heartbeat_s: int | None = None   # set by `prompt_heartbeats`: the flow body sends them
+
+
+@contextlib.contextmanager
+def prompt_heartbeats() -> Iterator[int | None]:
+    """Prefect's engine joins its flow-heartbeat thread at the end of every run, and that thread
+    sleeps in whole seconds: 0.5-1 s of each run spent waiting. Within this block the engine's
+    heartbeats are off and `heartbeats()` in the flow body sends the same events, at the same
+    interval, from a thread that stops at once. Crashed-run detection reads these events."""
+    global _heartbeat_s
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    _heartbeat_s = get_current_settings().flows.heartbeat_frequency
+    try:
+        with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+            yield _heartbeat_s
+    finally:
+        _heartbeat_s = None
+
+
+@contextlib.contextmanager
+def heartbeats() -> Iterator[None]:
+    """`prefect.flow-run.heartbeat` events for the running flow run every `_heartbeat_s`
+    seconds, as the engine sends them, when `prompt_heartbeats` turned the engine's off."""
+    import prefect
+    from prefect.context import FlowRunContext
+    from prefect.events import emit_event
+
+    seconds, ctx = _heartbeat_s, FlowRunContext.get()
+    if seconds is None or ctx is None or ctx.flow_run is None:
+        yield
+        return
+    run = ctx.flow_run
+    resource = {"prefect.resource.id": f"prefect.flow-run.{run.id}", "prefect.resource.name": run.name or "",
+                "prefect.version": prefect.__version__}
+    related = [{"prefect.resource.id": f"prefect.flow.{run.flow_id}", "prefect.resource.role": "flow",
+                "prefect.resource.name": ctx.flow.name if ctx.flow else ""}]
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):   # a lost heartbeat is not the run's failure
+                emit_event(event="prefect.flow-run.heartbeat", resource=resource, related=related)
+            if stop.wait(seconds):
+                return
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,), daemon=True,
+                              name="pixelsim-heartbeat")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(1)
 
 
 def _retry(task: Any, task_run: Any, state: Any) -> bool:

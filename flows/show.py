@@ -10,14 +10,14 @@ import os
 import posixpath
 
 from pixelsim.storage.errors import PixelsimError
-from pixelsim.storage.history import HISTORY, read_history
+from pixelsim.storage.history import HISTORY, as_rows, read_history
 from pixelsim.storage.root import Root
 
 
 def _runs(root: Root) -> list[dict]:
     """One entry per run, oldest first: the run's fields and its rows by metric."""
     runs: dict[str, dict] = {}
-    for row in read_history(root).to_pylist():
+    for row in as_rows(read_history(root)):
         run = runs.setdefault(row["run_id"], {"run_id": row["run_id"], "time": row["time"], "dataset": row["dataset"],
                                               "seconds": row["total_seconds"], "steps": row["steps"],
                                               "report_dir": row["report"], "metrics": {}})

@@ -10,7 +10,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
 
 from pixelsim.flows.pipeline import STEPS, RunResult
 from pixelsim.flows.progress import notify
-from pixelsim.storage.history import read_history
+from pixelsim.storage.history import recent_rows
 from pixelsim.storage.root import Root, digest_json
 from pixelsim.tasks.contracts import Request, Templates
 from pixelsim.tasks.report import render_markdown
@@ -87,15 +87,14 @@ def place(uri: str) -> str:
 def history_table(request: Request, limit: int = 10) -> list[dict]:
     """The last runs of this dataset and headline metric in this root, newest first, each with the
     change in balanced accuracy since the run before it."""
-    rows = [r for r in read_history(Root(request.root)).to_pylist()
-            if r["dataset"] == request.dataset and r["metric"] == request.options.metric]
+    rows = recent_rows(Root(request.root), request.dataset, request.options.metric, limit + 1)
     out = []
     for prev, row in zip([None, *rows], rows):
         change = None if prev is None else round(row["balanced"] - prev["balanced"], 4)
         out.append({"time": f"{row['time']:%Y-%m-%d %H:%M:%S}", "run": row["run_id"][:8], "balanced": row["balanced"],
                     "change": change, **{p["class"]: p["accuracy"] for p in row["per_class"]},
                     "cached steps": sum(s["cached"] for s in row["steps"]), "seconds": row["total_seconds"]})
-    return out[::-1][:limit]
+    return out[1:][::-1] if len(rows) > limit else out[::-1]
 
 
 def publish_artifacts(request: Request, result: RunResult) -> None:

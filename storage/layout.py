@@ -144,3 +144,37 @@ def split_files(paths: list[str], layout: Layout, split: str) -> list[tuple[str,
             out.append((p, index[cls]))
     out.sort(key=lambda t: (t[1], natural_key(t[0][cut:])))
     return out
+
+
+def check_names(folders: list[str], *, train_split: str | None = None, valid_split: str | None = None,
+                classes: list[str] | None = None) -> None:
+    """The split and class names asked for, against an unpacked archive's folders alone (no file
+    is read): a name that is not there raises LayoutError naming the closest ones. Run before any
+    work on a cached archive, so a typo costs a second, not a failed run."""
+    import difflib
+
+    dirs, _, _ = _index([], [d for d in folders if not _hidden(d)])
+    join = lambda *p: posixpath.join(*[x for x in p if x])  # noqa: E731
+
+    def unknown(option: str, name: str, where: str, names: set[str] | list[str]) -> LayoutError:
+        close = difflib.get_close_matches(name, sorted(names), n=2)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        return LayoutError(f"{option} {name}: no such folder in {where or 'the archive'}/ ({hint}"
+                           f"found {', '.join(sorted(names, key=natural_key)) or 'nothing'})")
+
+    train_names = (train_split,) if train_split else TRAIN_NAMES
+    bases = [d for d in sorted(dirs, key=lambda d: (d.count("/") + bool(d), d)) if dirs[d] & set(train_names)]
+    if not bases:
+        if train_split:
+            top = min(dirs, key=lambda d: (d.count("/") + bool(d), d), default="")
+            near = max(dirs.items(), key=lambda kv: len(kv[1] & set(VALID_NAMES + TRAIN_NAMES)), default=(top, set()))
+            raise unknown("--train-split", train_split, near[0], near[1])
+        return   # find_layout says what is wrong with the archive itself
+    base = bases[0]
+    if valid_split and valid_split not in dirs[base]:
+        raise unknown("--valid-split", valid_split, base, dirs[base])
+    train = next(n for n in train_names if n in dirs[base])
+    found = set(dirs.get(join(base, train), ()))
+    for c in classes or ():
+        if c not in found:
+            raise unknown("--classes", c, join(base, train), found)

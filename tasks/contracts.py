@@ -64,6 +64,9 @@ class Options:
                 raise OptionError(f"--classes {','.join(names)}: give class folder names, e.g. 3,7")
             if len(set(names)) != len(names):
                 raise OptionError(f"--classes {','.join(names)}: a class is named twice")
+            if len(names) < 2:
+                raise OptionError(f"--classes {','.join(names)}: name at least two classes (nearest template "
+                                  "of one class is always right)")
             fix("classes", names)
         for name in ("train_split", "valid_split", "device"):
             value = getattr(self, name)

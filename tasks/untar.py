@@ -13,12 +13,17 @@ from pixelsim.tasks.contracts import Archive, Tree
 VERSION = "4"
 
 
+def tree_dir(archive_sha256: str, caps: Caps = Caps()) -> str:
+    """Where the archive with this digest is unpacked (the same folder whichever URL it came from)."""
+    return catalog.tree_dir(catalog.step_key("untar", VERSION, archive_sha256, caps.__dict__))
+
+
 def untar_archive(archive: Archive, max_members: int = Caps.max_members,
                   max_bytes: int = Caps.max_total_bytes, refresh: bool = False) -> Outcome[Tree]:
     """Unpack into a staging folder published by rename, with the archive's folders in its manifest."""
     r = Root(archive.root)
     caps = Caps(max_members=max_members, max_total_bytes=max_bytes)
-    rel = catalog.tree_dir(catalog.step_key("untar", VERSION, archive.sha256, caps.__dict__))
+    rel = tree_dir(archive.sha256, caps)
 
     def build() -> Tree:
         with r.local_file(archive.file) as local, r.publish_dir(rel) as st:

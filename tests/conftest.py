@@ -44,6 +44,9 @@ def base_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PIXELSIM_"))}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
                PREFECT_LOGGING_COLORS="false",
+               # a run without PREFECT_API_URL uses a temporary server, leaving no background one behind
+               # (tests/test_server.py runs the default, pixelsim's own server, and stops it)
+               PIXELSIM_SERVER="temporary",
                # never reach the real internet from a test: the official URL is a closed loopback port
                PIXELSIM_URL_MNIST_SAMPLE=f"http://127.0.0.1:{free_port()}/mnist_sample.tgz")
     return env
@@ -102,8 +105,13 @@ class Result:
     stderr: str
 
     @property
-    def report(self) -> dict:
+    def json(self) -> dict:
         return json.loads(self.stdout)
+
+    @property
+    def report(self) -> dict:
+        """The report JSON of `run --json` (or `show --json`)."""
+        return self.json["report"]
 
     def states(self) -> list[str]:
         """Final task states from the run's log lines, e.g. ['Cached', 'Completed', ...]."""

@@ -81,7 +81,7 @@ def test_offline_default_uses_bundled_copy_without_a_server(tmp_path):
     p = subprocess.run([PIXELSIM, "run", "--json", "--root", str(tmp_path / "root")], env=env,
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    rep = json.loads(p.stdout)
+    rep = json.loads(p.stdout)["report"]
     assert_figures(rep, SAMPLE_FIGURES)
     assert rep["counts"] == SAMPLE_COUNTS
     assert rep["source"]["bundled"] is True

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import PROJECT, base_env
+from conftest import PROJECT, TINY, base_env
 from pixelsim import OptionError, Options, PixelsimError
 from pixelsim.tasks.contracts import Request
 
@@ -30,6 +30,7 @@ def test_defaults_and_normalised_values():
     ({"resize": (28,)}, "--resize 28: expected HxW"),
     ({"classes": ["3", "3"]}, "--classes 3,3: a class is named twice"),
     ({"classes": ["3", ""]}, "--classes 3,: give class folder names"),
+    ({"classes": ["7"]}, "--classes 7: name at least two classes"),
     ({"train_split": "a/b"}, "--train-split 'a/b': expected a folder name"),
 ])
 def test_a_bad_option_is_one_error_naming_it(options, message):
@@ -107,3 +108,38 @@ def test_help_shows_defaults_examples_and_the_environment(tmp_path):
     assert p.returncode == 0
     assert "images per Parquet shard (default: 5000)" in text and "(default: l1)" in text
     assert "pixelsim run --dataset mnist_tiny" in text and "PIXELSIM_OFFLINE=1" in text and "PIXELSIM_ROOT" in text
+
+
+@pytest.fixture(scope="module")
+def unpacked_tiny(tmp_path_factory):
+    """A root holding mnist_tiny's archive, unpacked, under both keys a local source can have:
+    pinned by --sha256, and unpinned (keyed by the file's fingerprint)."""
+    import hashlib
+
+    from pixelsim.storage.sources import fingerprint
+    from pixelsim.tasks.download import download_archive
+    from pixelsim.tasks.untar import untar_archive
+
+    root = str(tmp_path_factory.mktemp("layout-root"))
+    sha = hashlib.sha256(TINY.read_bytes()).hexdigest()
+    for pins, fp in (({"sha256": sha}, {}), ({}, fingerprint(str(TINY)))):
+        untar_archive(download_archive(str(TINY), root, pins, fingerprint=fp).value)
+    return root, sha
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["sha256-pinned", "local-unpinned"])
+@pytest.mark.parametrize("args,line", [
+    (["--classes", "3,8"], "--classes 8: no such folder in mnist_tiny/train/ (found 3, 7)"),
+    (["--valid-split", "vaild"], "--valid-split vaild: no such folder in mnist_tiny/ (did you mean valid?"),
+    (["--train-split", "trian"], "--train-split trian: no such folder in mnist_tiny/ (did you mean train?"),
+])
+def test_a_split_or_class_not_in_the_cached_archive_is_refused_before_prefect(tmp_path, unpacked_tiny, pinned,
+                                                                             args, line):
+    root, sha = unpacked_tiny
+    code = ("import sys; from pixelsim.flows.cli import main; rc = main(sys.argv[1:]); "
+            "assert 'prefect' not in sys.modules, 'prefect imported'; sys.exit(rc)")
+    pin = ["--sha256", sha] if pinned else []
+    p = subprocess.run([sys.executable, "-c", code, "run", "--source", str(TINY), *pin, "--root", root, *args],
+                       capture_output=True, text=True, timeout=60, cwd=PROJECT, env=base_env(tmp_path / "home"))
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("pixelsim: error: ") and line in p.stderr, p.stderr

@@ -106,7 +106,7 @@ def terminal_run(ui_server, tmp_path_factory):
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
         (report,) = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[f"{key}-report"])))
-    return {"report": json.loads(out), "terminal": terminal, "key": key, "run_id": report.flow_run_id,
+    return {"report": json.loads(out)["report"], "terminal": terminal, "key": key, "run_id": report.flow_run_id,
             "root": tmp / "root", "request": request, "args": args, "env": env, "cwd": tmp}
 
 
