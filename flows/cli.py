@@ -152,6 +152,17 @@ def parser() -> argparse.ArgumentParser:
     show.add_argument("--root", default=default_root(),
                       help=f"storage root holding history/ (default: ./{DEFAULT_ROOT} or $PIXELSIM_ROOT)")
     show.add_argument("--json", action="store_true", help="print the run and its report as JSON")
+    runs = sub.add_parser("runs", help="the run history, newest first, from the stored files (no Prefect needed)")
+    runs.add_argument("--root", default=default_root(), help="storage root holding history/")
+    runs.add_argument("--dataset", help="only this dataset's runs")
+    runs.add_argument("--last", type=_positive, default=20, help="how many runs (default 20)")
+    runs.add_argument("--json", action="store_true", help="print the rows as JSON")
+    diff = sub.add_parser("diff", help="what changed between two runs: accuracy per class, the source archive "
+                          "(members added, removed, changed), the parameters")
+    diff.add_argument("runs", nargs="*", metavar="RUN", help="two run ids (or unique prefixes); one: that run against "
+                      "its dataset's run before it; none: the latest run against the one before it")
+    diff.add_argument("--root", default=default_root(), help="storage root holding history/")
+    diff.add_argument("--json", action="store_true", help="print the comparison as JSON")
     return p
 
 
@@ -221,6 +232,8 @@ def quiet_tracebacks() -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from pixelsim.storage.errors import OptionError
+
     if args.command == "datasets":
         from pixelsim.flows.datasets import DATASETS
         from pixelsim.tasks.download import in_root
@@ -236,6 +249,18 @@ def command(args: argparse.Namespace) -> int:
     if args.command == "show":
         from pixelsim.flows.show import show
         print(show(args.run, args.root, args.json))
+        return 0
+    if args.command == "runs":
+        from pixelsim.flows.compare import list_runs, render_runs
+        rows = list_runs(args.root, args.dataset, args.last)
+        print(json.dumps(rows, indent=2) if args.json else render_runs(rows, args.root, args.dataset))
+        return 0
+    if args.command == "diff":
+        from pixelsim.flows.compare import diff, render
+        if len(args.runs) > 2:
+            raise OptionError(f"diff takes at most two runs, got {len(args.runs)}: {' '.join(args.runs)}")
+        d = diff(args.root, *args.runs)
+        print(json.dumps(d.to_dict(), indent=2) if args.json else render(d))
         return 0
     from pixelsim.tasks.contracts import Request
 

@@ -192,9 +192,9 @@ def list_runs(root_url: str, dataset: str | None = None, last: int = 20) -> list
     return out[::-1][:last]
 
 
-def render_runs(rows: list[dict], root_url: str) -> str:
+def render_runs(rows: list[dict], root_url: str, dataset: str | None = None) -> str:
     if not rows:
-        return f"no runs recorded in {root_url}"
+        return f"no runs recorded in {root_url}" + (f" for {dataset}" if dataset else "")
     lines = [f"{'time (UTC)':19}  {'run':8}  {'dataset':14} metric  balanced   change  cached  seconds  source"]
     lines += [f"{r['time'][:19].replace('T', ' ')}  {r['run_id'][:8]}  {r['dataset']:14} {r['metric']:6}  "
               f"{r['balanced']:8.4f}  {_signed(r['change']):>7}  {r['cached_steps']}/{r['steps']:<4} "

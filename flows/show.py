@@ -14,13 +14,19 @@ from pixelsim.storage.history import HISTORY, as_rows, read_history
 from pixelsim.storage.root import Root
 
 
-def _runs(root: Root) -> list[dict]:
+def runs_of(root_url: str) -> list[dict]:
     """One entry per run, oldest first: the run's fields and its rows by metric."""
+    return entries(as_rows(read_history(Root(root_url))))
+
+
+def entries(rows: list[dict]) -> list[dict]:
+    """History rows (one per run and metric) grouped into one entry per run, oldest first."""
     runs: dict[str, dict] = {}
-    for row in as_rows(read_history(root)):
+    for row in rows:
         run = runs.setdefault(row["run_id"], {"run_id": row["run_id"], "time": row["time"], "dataset": row["dataset"],
                                               "seconds": row["total_seconds"], "steps": row["steps"],
-                                              "report_dir": row["report"], "metrics": {}})
+                                              "report_dir": row["report"], "source_sha256": row["source_sha256"],
+                                              "metrics": {}})
         run["metrics"][row["metric"]] = {"per_class": {p["class"]: p["accuracy"] for p in row["per_class"]},
                                          "balanced": row["balanced"], "overall": row["overall"],
                                          "headline": row["headline"]}
@@ -49,7 +55,7 @@ def _load_report(folder: str) -> dict | None:
 def find_run(root_url: str, run: str | None) -> dict:
     """Latest run, a run id (or unique prefix), or a report folder; returns {"run": ..., "report": ...}."""
     root = Root(root_url)
-    runs = _runs(root)
+    runs = runs_of(root_url)
     if run and ("://" in run or os.path.exists(run)):
         folder = _report_dir(run)
         if folder is None:

@@ -97,6 +97,20 @@ def history_table(request: Request, limit: int = 10) -> list[dict]:
     return out[1:][::-1] if len(rows) > limit else out[::-1]
 
 
+def changes_since_last_run(request: Request, run_id: str) -> str | None:
+    """Markdown: this run against the dataset's run before it in this root (its headline metric),
+    as `pixelsim diff` shows it; None for a first run."""
+    from pixelsim.flows.compare import compare, render
+    from pixelsim.flows.show import entries
+
+    runs = entries(recent_rows(Root(request.root), request.dataset, request.options.metric, 2))
+    if len(runs) < 2 or runs[-1]["run_id"] != run_id:
+        return None
+    older, newer = runs
+    return (f"## Since run {older['run_id'][:8]}\n\nAs `pixelsim diff {older['run_id'][:8]} {newer['run_id'][:8]}` "
+            f"shows it:\n\n```\n{render(compare(request.root, older, newer))}\n```\n")
+
+
 def publish_artifacts(request: Request, result: RunResult) -> None:
     """The run's summary in the Prefect UI: the Markdown report with the templates, the steps
     cached and where the outputs are, a per-class table, the last runs' accuracy, and the report
@@ -121,6 +135,9 @@ def publish_artifacts(request: Request, result: RunResult) -> None:
     create_table_artifact(key=artifact_key(prefix, "history"), table=history_table(request),
                           description=f"the last runs of {dataset} ({report['metric']}) in this root, newest first, "
                                       "with the change in balanced accuracy since the run before")
+    if changes := changes_since_last_run(request, result.run_id):
+        create_markdown_artifact(key=artifact_key(prefix, "changes"), markdown=changes,
+                                 description=f"what changed since the run of {dataset} before this one")
     folder = places["report"]
     if folder.startswith(("http://", "https://")):
         create_link_artifact(folder, link_text=folder, key=artifact_key(prefix, "report-folder"),

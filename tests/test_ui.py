@@ -199,6 +199,9 @@ def test_a_fully_cached_run_shows_no_progress_and_the_change_since_the_last_run(
     assert f"{key}-convert-progress" not in by_key     # nothing was converted
     newest, older = json.loads(by_key[f"{key}-history"].data)[:2]
     assert newest["change"] == 0.0 and older["change"] is None and newest["cached steps"] == 6
+    changes = by_key[f"{key}-changes"].data     # what `pixelsim diff` says, against the run before
+    assert f"## Since run {older['run']}" in changes and "source archive: unchanged (sha256 3d615568923a)" in changes
+    assert "parameters: the same" in changes and re.search(r"  3 +0\.8829 +0\.8829 +\+0\.0000", changes), changes
     assert "reused from the storage root: shards/" in "\n".join(log.message for log in logs)
 
 
