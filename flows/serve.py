@@ -28,12 +28,38 @@ def has_server() -> bool:
     return bool(get_current_settings().api.url)
 
 
+def taken_by_another(name: str) -> str | None:
+    """Why serving `pixel-similarity/<name>` would silently replace someone else's deployment:
+    one made by `prefect deploy` (it runs on a work pool), or one that another process is
+    serving right now. None when the name is free, or a served one nobody polls any more."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import DeploymentStatus
+    from prefect.exceptions import ObjectNotFound
+
+    full = f"pixel-similarity/{name}"
+    with get_client(sync_client=True) as c:
+        try:
+            dep = c.read_deployment_by_name(full)
+        except ObjectNotFound:
+            return None
+    if dep.work_pool_name:
+        return (f"deployment {full} exists on work pool {dep.work_pool_name} (made by `prefect deploy`); serving "
+                f"would replace it: pass --name, or delete it first (`prefect deployment delete {full}`)")
+    if dep.status == DeploymentStatus.READY:
+        return f"deployment {full} is being served by another process right now: pass --name, or stop that one"
+    return None
+
+
 def serve(params: dict[str, Any], *, cron: str, name: str, task_runner: Any = None,
           tags: list[str] | None = None) -> int:
     """Register the deployment `pixel-similarity/<name>` and run its flow runs until interrupted."""
     if not has_server():
-        print("pixelsim: error: serve needs a Prefect server that keeps running: start one with "
-              "`prefect server start`, then export PREFECT_API_URL=http://127.0.0.1:4200/api", file=sys.stderr)
+        print("pixelsim: error: serve needs a Prefect server that keeps running, and PIXELSIM_SERVER=temporary "
+              "gives none: unset it (pixelsim then starts its own), or point PREFECT_API_URL at one started with "
+              "`prefect server start`", file=sys.stderr)
+        return 2
+    if taken := taken_by_another(name):
+        print(f"pixelsim: error: {taken}", file=sys.stderr)
         return 2
     from prefect.deployments.runner import EntrypointType
 

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import PIXELSIM, PROJECT, TINY, TINY_FIGURES, assert_figures, base_env, stop
@@ -65,6 +66,12 @@ def test_serve_registers_cron_deployment_and_runs_it(prefect_server, tmp_path):
                     "refresh": False, "shard_size": 5000, "channels": 1, "device": "cpu"}
             assert {k: dep.parameters.get(k) for k in want} == want
             assert None not in dep.parameters.values()   # unset options are left to the flow's defaults
+            # the UI's form for a run: typed, with the option's help and its limits, enforced by the server
+            props = dep.parameter_openapi_schema["properties"]
+            assert props["metric"]["enum"] == ["l1", "rmse"] and props["shard_size"]["minimum"] == 1
+            assert props["shard_size"]["description"] == "images per Parquet shard" and dep.enforce_parameter_schema
+            with pytest.raises(Exception, match="shard_size|greater than or equal"):
+                c.create_flow_run_from_deployment(dep.id, parameters={"shard_size": 0})
             run = c.create_flow_run_from_deployment(dep.id)
 
             def finished():
@@ -119,3 +126,11 @@ def test_prefect_yaml_deploys_the_same_flow_to_a_work_pool(prefect_server, tmp_p
     assert got.parameters == dep["parameters"]
     # runs start in the folder deployed from, where the entrypoint and the relative root resolve
     assert got.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(tmp_path)}}]
+    # `pixelsim serve` has another default name, and refuses to replace this deployment
+    assert dep["name"] != "mnist_sample"
+    p = subprocess.run([PIXELSIM, "serve", "--cron", CRON, "--name", dep["name"]], env=env, capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert f"deployment pixel-similarity/{dep['name']} exists on work pool {dep['work_pool']['name']}" in p.stderr
+    with client(prefect_server) as c:
+        assert c.read_deployment_by_name(f"pixel-similarity/{dep['name']}").id == got.id   # untouched
