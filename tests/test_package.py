@@ -66,3 +66,18 @@ def test_a_fresh_prefect_home_and_another_checkout_reuse_every_step_from_the_roo
     assert {k: Path(cli.root, v).is_dir() for k, v in view.record["outputs"].items()} == {
         k: True for k in ("archive", "tree", "shards", "templates", "evaluation", "report")}
     assert view.report == first.report and view.options["shard_size"] == 5000
+
+
+def test_torch_is_imported_only_where_templates_or_predictions_are_computed(cli, tmp_path):
+    """torch (754 MB installed, 2 s to import here) stays off every path that does not compute."""
+    assert cli("run", "--source", str(SAMPLE), "--json").code == 0
+    root = str(cli.root)
+    code = ("import sys\nfrom pixelsim.flows.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\nsys.exit(rc)")
+    for args in (["--help"], ["datasets", "--root", root], ["show", "--root", root], ["runs", "--root", root],
+                 ["diff", "--root", root], ["server", "status"], ["run", "--shard-size", "0", "--root", root],
+                 ["run", "--source", str(SAMPLE), "--root", root, "--json"]):   # fully cached
+        p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                           env=cli.env, cwd=tmp_path)
+        assert p.stderr.strip().endswith("NO-TORCH"), (args, p.returncode, p.stderr[-2000:])
