@@ -13,6 +13,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DATASET = "mnist_sample"
+MODES = ("pixelsim", "temporary")   # C/D/E: pixelsim's own background server (the default), a temporary one
 
 
 def timed(fn, *args, **kwargs):
@@ -218,35 +219,6 @@ def prefect_env(home: Path, api: str | None = None) -> dict:
     return {**env, "PREFECT_API_URL": api} if api else env
 
 
-@contextlib.contextmanager
-def prefect_server(home: Path, log: Path):
-    """`prefect server start` on a free loopback port; yields (api url, startup seconds); stops it."""
-    with socket.create_server(("127.0.0.1", 0)) as s:
-        port = str(s.getsockname()[1])
-    api, t = f"http://127.0.0.1:{port}/api", time.perf_counter()
-    with open(log, "wb") as f:
-        proc = subprocess.Popen([BIN / "prefect", "server", "start", "--host", "127.0.0.1", "--port", port],
-                                env=prefect_env(home), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        while True:
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            if proc.poll() is not None or time.perf_counter() - t > 180:
-                raise RuntimeError(f"prefect server did not start; see {log}")
-            time.sleep(0.25)
-        yield api, time.perf_counter() - t
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
 # ---------------------------------------------------------------- synthetic data (G)
 def synthetic_tar(path: Path, n: int) -> None:
     """n MNIST-like 28x28 PNGs in synth/{train,valid}/{0..9}/ (5/6 train), from 300 distinct images."""
@@ -304,16 +276,30 @@ def machine() -> dict:
 
 
 def run_pixelsim(mode: str, data: Path, tmp: Path, logs: Path) -> dict:
-    """C (cold), D (warm) and E (floor, best of 2) in one Prefect mode."""
+    """C (cold), D (warm) and E (floor, best of 2) as the README's `pixelsim run` does them, on a
+    fresh PREFECT_HOME. [pixelsim]: the default, pixelsim's own background server, started by the
+    first run (C0, not in C/D/E) and stopped at the end; [temporary]: PIXELSIM_SERVER=temporary,
+    Prefect's temporary server in every run."""
     home, root = tmp / f"prefect-{mode}", tmp / f"root-{mode}"
     home.mkdir(parents=True)
-    cmd = [BIN / "pixelsim", "run", "--source", data, "--root", root, "--json"]
-    with (prefect_server(home, logs / "prefect-server.log") if mode == "server"
-          else contextlib.nullcontext((None, None))) as (api, startup):
-        env = prefect_env(home, api)
+    cmd = lambda r: [BIN / "pixelsim", "run", "--source", data, "--root", r, "--json"]  # noqa: E731
+    env = prefect_env(home)
+    if mode == "temporary":
+        env["PIXELSIM_SERVER"] = "temporary"
+    runs, startup, api = {}, None, None
+    try:
+        if mode == "pixelsim":
+            runs["C0"] = spawn(cmd(tmp / f"root-{mode}-first"), logs / f"C0-{mode}", env)
+            state = json.loads((home / "pixelsim-server.json").read_text())
+            api = state["api"]
+            startup = runs["C0"]["wall"]
+        runs.update(C=spawn(cmd(root), logs / f"C-{mode}", env), D=spawn(cmd(root), logs / f"D-{mode}", env))
         trivial = [sys.executable, "-m", "bench.run", "--worker", "trivial", "-", os.devnull]
-        runs = {f"E{i}": spawn(trivial, logs / f"E-{mode}-{i}", env) for i in range(2)}
-        runs.update(C=spawn(cmd, logs / f"C-{mode}", env), D=spawn(cmd, logs / f"D-{mode}", env))
+        runs.update({f"E{i}": spawn(trivial, logs / f"E-{mode}-{i}", {**env, "PREFECT_API_URL": api} if api else env)
+                     for i in range(2)})
+    finally:
+        if mode == "pixelsim":
+            spawn([BIN / "pixelsim", "server", "stop"], logs / f"stop-{mode}", env)
     wall = {k: None if p["rc"] else p["wall"] for k, p in runs.items()}  # a failed command is reported, not timed
     reused = re.findall(r"reused cached results for \d+ of \d+ steps", runs["D"]["err"])
     return {"server_start_s": startup, "C": wall["C"], "D": wall["D"], "E_runs": [wall["E0"], wall["E1"]],
@@ -321,7 +307,7 @@ def run_pixelsim(mode: str, data: Path, tmp: Path, logs: Path) -> dict:
             "C_rss_mb": runs["C"]["rss_mb"], "D_cached": reused[-1] if reused else "no cache line in the log",
             "failed": {k: f"{k} exited {p['rc']}: {last_line(p['err'])}" for k, p in runs.items() if p["rc"]},
             "accuracy": {} if wall["C"] is None else
-            {m: v["per_class"] for m, v in json.loads(runs["C"]["out"])["metrics"].items()}}
+            {m: v["per_class"] for m, v in json.loads(runs["C"]["out"])["report"]["metrics"].items()}}
 
 
 def section(results: dict, key: str, fn, *args):
@@ -365,7 +351,7 @@ def table(R: dict) -> str:
         "A/B", True)
     for k, s in st.items():
         row("B", f"step {k} (cores used {s['cpu'] / s['s']:.2f})", s["s"], "s", "B all steps", b_all, "share")
-    for mode in ("server", "ephemeral"):
+    for mode in MODES:
         m = R.get(f"C-{mode}", {})
         if "error" in m or not m:
             rows.append(("C/D/E", f"[{mode}] failed: {m.get('error', 'not run')}", "—", "—", "—"))
@@ -384,7 +370,8 @@ def table(R: dict) -> str:
                 m["C"] - m["E"] - b_all, "s", "E trivial flow", m["E"])
         rows.extend(("!", f"[{mode}] {err}", "failed", "—", "—") for err in m.get("failed", {}).values())
         if m["server_start_s"]:
-            row("C", "prefect server start → healthy (not in C/D/E)", m["server_start_s"], "s", "E trivial flow", m["E"])
+            row("C0", f"first run ever: starts pixelsim's server, cold (not in C/D/E) [{mode}]", m["server_start_s"],
+                "s", seed_proc, A.get("process_s"), "C0/A")
     rate, fast = F.get("rate", {}), F.get("fastest", "fastest")
     for what, k, vs, vk in (("train images: shards → one array, best of 3", "shards", f"{fast} read+decode", "fastest"),
                             ("the same, first call in the process", "shards_first", "best of 3", "shards"),
@@ -400,10 +387,11 @@ def table(R: dict) -> str:
             row("dec", "B convert throughput", n / cv["s"], "img/s", f"{what} × decode rate", k * rate["decode"])
     out = ["| section | what | value | compared with | ratio |", "|---|---|---|---|---|"]
     out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    out += ["", "| metric | class | A seed | B pixelsim | C server | C ephemeral |", "|---|---|---|---|---|---|"]
+    out += ["", "| metric | class | A seed | B pixelsim | " + " | ".join(f"C {m}" for m in MODES) + " |",
+            "|---|---|---|---|---|---|"]
     for metric, per in A.get("accuracy", {}).items():
         for c, a in per.items():
-            cs = [R.get(f"C-{m}", {}).get("accuracy", {}).get(metric, {}).get(c) for m in ("server", "ephemeral")]
+            cs = [R.get(f"C-{m}", {}).get("accuracy", {}).get(metric, {}).get(c) for m in MODES]
             out.append(f"| {metric} | {c} | {a:.4f} | {B['accuracy'][metric][c]:.4f} | "
                        f"{cs[0] or '—'} | {cs[1] or '—'} |")
     out.append(f"\nA equals pixelsim (B, exact): **{R.get('accuracy_equal')}**; A rounded to 4 places equals "
@@ -458,11 +446,11 @@ def main(argv: list[str] | None = None) -> int:
                 *worker("seed", {"base": str(base)}, logs / "A")))
             R["accuracy_equal"] = A.get("accuracy") == B["accuracy"]
             section(R, "F", lambda: worker("decode", {"root": str(root), "seed_tree": str(tree), **B}, logs / "F")[0])
-        for mode in ("server", "ephemeral"):
+        for mode in MODES:
             section(R, f"C-{mode}", run_pixelsim, mode, data, tmp, logs)
         R["accuracy_equal_C"] = {m: all(round(v, 4) == R[f"C-{m}"]["accuracy"][metric][c] for metric, per
                                         in R.get("A", {}).get("accuracy", {}).items() for c, v in per.items())
-                                 for m in ("server", "ephemeral") if R[f"C-{m}"].get("accuracy")}
+                                 for m in MODES if R[f"C-{m}"].get("accuracy")}
         if not a.skip_scale:
             G = R["G"] = {"runs": [], "notes": []}
             t_g = time.perf_counter()
