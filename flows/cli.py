@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -169,6 +170,16 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Every failure ends in one line `pixelsim: error: ...` (exit 1; 2 for a bad option), with
     the traceback only under --verbose; Ctrl-C and a closed pipe end quietly."""
+    try:
+        return _main(argv)
+    finally:
+        if argv is None:   # the program itself, about to exit (not a caller in a longer-lived process)
+            # the interpreter's last garbage collections walk every object Prefect and torch made
+            # (1 s at the end of a run here); frozen, they are skipped, and the OS takes the memory back
+            gc.freeze()
+
+
+def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     from pixelsim.storage.errors import OptionError, PixelsimError
 
@@ -290,6 +301,7 @@ def command(args: argparse.Namespace) -> int:
     from pixelsim.flows.prefect_runner import prompt_heartbeats, task_runner
 
     runner = task_runner(args.task_runner, args.workers, args.dask_address)
+    gc.freeze()   # the modules just imported live as long as the process: no collection need walk them
     if booting:
         server.wait_ready(booting)
         if booting["started"]:
