@@ -168,6 +168,32 @@ def w_step(p: dict) -> dict:
     return {"out": out.dir, **t}
 
 
+def w_jpeg(p: dict) -> dict:
+    """J: a JPEG dataset of mixed sizes resized to 28x28: full decode + resize (--exact-resize)
+    against libjpeg's reduced-scale decode + resize (the default with --resize), one core."""
+    import numpy as np
+    from PIL import Image
+    from pixelsim.storage.images import decode
+    rng, blobs = np.random.default_rng(0), []
+    for i in range(p.get("n", 600)):   # smooth colour content, 240-640 px a side, like small photos
+        h, w = (int(v) for v in rng.integers(240, 641, 2))
+        small = rng.integers(0, 256, (h // 24 + 1, w // 24 + 1, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(buf, format="JPEG", quality=90)
+        blobs.append(buf.getvalue())
+
+    def run(draft: bool):
+        return timed(lambda: np.stack([decode(b, f"{i}.jpg", size=(28, 28), resize=True, draft=draft)
+                                       for i, b in enumerate(blobs)]))
+    (exact, t_exact), (fast, t_fast) = run(False), run(True)
+    (_, t_exact2), (_, t_fast2) = run(False), run(True)
+    diff = np.abs(fast.astype(int) - exact.astype(int))
+    n = len(blobs)
+    return {"images": n, "mean_side": float(np.mean([Image.open(io.BytesIO(b)).size for b in blobs])),
+            "rate": {"exact": n / min(t_exact["s"], t_exact2["s"]), "draft": n / min(t_fast["s"], t_fast2["s"])},
+            "diff_mean": float(diff.mean()), "diff_p99": float(np.percentile(diff, 99)), "diff_max": int(diff.max())}
+
+
 def w_trivial(p: dict) -> dict:
     """E: the orchestration floor, three tasks that return numbers."""
     from prefect import flow, task
@@ -183,7 +209,8 @@ def w_trivial(p: dict) -> dict:
     return {"value": trivial()}
 
 
-WORKERS = {"extract": w_extract, "seed": w_seed, "steps": w_steps, "decode": w_decode, "step": w_step, "trivial": w_trivial}
+WORKERS = {"extract": w_extract, "seed": w_seed, "steps": w_steps, "decode": w_decode, "step": w_step,
+           "trivial": w_trivial, "jpeg": w_jpeg}
 
 
 # ---------------------------------------------------------------- subprocesses
@@ -399,6 +426,12 @@ def table(R: dict) -> str:
         row("F", what, rate.get(k), "img/s", vs, rate.get(vk))
     row("dec", f"single-core storage.images.decode ({F.get('decoder')}, CRC-checked, in memory)",
         rate.get("decode"), "img/s", f"bare {fast} in memory", rate.get("raw"), "÷")
+    J = R.get("J", {})
+    if "rate" in J:
+        row("J", f"{J['images']} JPEGs of 240-640 px → 28x28, reduced-scale decode + resize (default), best of 2",
+            J["rate"]["draft"], "img/s", "full decode + resize (--exact-resize)", J["rate"]["exact"])
+        rows.append(("J", "pixel difference from the full decode (0-255)",
+                     f"mean {J['diff_mean']:.2f}, p99 {J['diff_p99']:.0f}, max {J['diff_max']}", "—", "—"))
     cv = st.get("convert")
     if cv and rate.get("decode"):
         n, cores = sum(sum(c.values()) for c in B["shards"]["counts"].values()), cv["cpu"] / cv["s"]
@@ -468,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             A = section(R, "A", seed)
             R["accuracy_equal"] = A.get("accuracy") == B["accuracy"]
             section(R, "F", lambda: worker("decode", {"root": str(root), "seed_tree": str(tree), **B}, logs / "F")[0])
+        section(R, "J", lambda: worker("jpeg", {"n": 600}, logs / "J")[0])
         for mode in MODES:
             section(R, f"C-{mode}", run_pixelsim, mode, data, tmp, logs)
         R["accuracy_equal_C"] = {m: all(round(v, 4) == R[f"C-{m}"]["accuracy"][metric][c] for metric, per

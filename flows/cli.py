@@ -114,7 +114,10 @@ def run_options(run: argparse.ArgumentParser) -> None:
     run.add_argument("--shard-size", type=int, default=Options.shard_size, help="images per Parquet shard")
     run.add_argument("--channels", type=int, choices=[1, 3], default=Options.channels,
                      help="1: grayscale (luma), 3: RGB")
-    run.add_argument("--resize", type=_size, help="resize every image to HxW instead of failing on mixed sizes")
+    run.add_argument("--resize", type=_size, help="resize every image to HxW instead of failing on mixed sizes "
+                     "(JPEGs decode at a reduced scale first where libjpeg can: faster, pixels within a few levels)")
+    run.add_argument("--exact-resize", action="store_true", help="with --resize, decode every JPEG at full size "
+                     "before resizing (slower; the pixels of a full decode)")
     run.add_argument("--classes", help="comma-separated subset of class folders, e.g. 3,7")
     run.add_argument("--train-split", help="name of the training split folder")
     run.add_argument("--valid-split", help="name of the validation split folder")
@@ -278,7 +281,8 @@ def command(args: argparse.Namespace) -> int:
     classes = args.classes.split(",") if args.classes is not None else None
     params = dict(dataset=args.dataset, source=args.source, root=args.root, metric=args.metric,
                   refresh=args.refresh, shard_size=args.shard_size, channels=args.channels,
-                  resize=args.resize, classes=classes, train_split=args.train_split,
+                  resize=args.resize, exact_resize=args.exact_resize, classes=classes,
+                  train_split=args.train_split,
                   valid_split=args.valid_split, device=args.device,
                   sha256=args.sha256, skip_bad=args.skip_bad, offline=args.offline)
     request = Request.build(**params)   # every option checked before Prefect starts

@@ -50,6 +50,7 @@ def pixel_similarity(dataset: str | None = None, source: str | SecretStr | None 
                      metric: Metric = Options.metric, refresh: bool = False, shard_size: Count = Options.shard_size,
                      channels: Literal[1, 3] = Options.channels,
                      resize: Annotated[list[Side], Field(min_length=2, max_length=2)] | None = None,
+                     exact_resize: bool = False,
                      classes: Annotated[list[str], Field(min_length=2)] | None = None,
                      train_split: str | None = None, valid_split: str | None = None, device: str = Options.device,
                      sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")] | None = None,
@@ -68,6 +69,7 @@ def pixel_similarity(dataset: str | None = None, source: str | SecretStr | None 
         shard_size: images per Parquet shard
         channels: 1 grayscale (luma), 3 RGB
         resize: [height, width] every image is resized to, instead of failing on mixed sizes
+        exact_resize: with resize, decode every JPEG at full size first (slower; else at a reduced scale)
         classes: class folders to use (at least two), e.g. ["3", "7"]
         train_split: name of the training split folder
         valid_split: name of the validation split folder
@@ -78,7 +80,8 @@ def pixel_similarity(dataset: str | None = None, source: str | SecretStr | None 
     """
     request = Request.build(dataset=dataset, source=source.get_secret_value() if isinstance(source, SecretStr)
                             else source, sha256=sha256, root=root, refresh=refresh, metric=metric,
-                            shard_size=shard_size, channels=channels, resize=resize, classes=classes,
+                            shard_size=shard_size, channels=channels, resize=resize, exact_resize=exact_resize,
+                            classes=classes,
                             train_split=train_split, valid_split=valid_split, device=device, skip_bad=skip_bad,
                             offline=offline)
     with heartbeats():

@@ -24,6 +24,7 @@ from pixelsim.storage.catalog import HISTORY
 from pixelsim.storage.root import Root
 
 OPTIONS = pa.struct([("shard_size", pa.int64()), ("channels", pa.int64()), ("resize", pa.list_(pa.int64())),
+                     ("exact_resize", pa.bool_()),
                      ("classes", pa.list_(pa.string())), ("train_split", pa.string()),
                      ("valid_split", pa.string()), ("skip_bad", pa.int64()), ("device", pa.string())])
 STEP_OUTPUTS = ("archive", "tree", "shards", "templates", "evaluation", "report")

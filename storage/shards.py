@@ -69,7 +69,7 @@ def member_bytes(root: Root, blob: str, files: list[Member]) -> list[bytes]:
 
 
 def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: ShardMeta, *,
-                channels: int = 1, resize: bool = False, skip_bad: bool = False) -> dict:
+                channels: int = 1, resize: bool = False, draft: bool = False, skip_bad: bool = False) -> dict:
     """Read one shard's members from the `blob` file, check each against its digest, decode
     them and write the shard to `dest` (a part path).
 
@@ -80,7 +80,8 @@ def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: Shar
     r = Root(root)
     datas = member_bytes(r, blob, files)
     images, good, errors = decode_members([(f.path, f.sha256, d) for f, d in zip(files, datas)],
-                                          channels=channels, size=tuple(meta.shape[:2]), resize=resize)
+                                          channels=channels, size=tuple(meta.shape[:2]), resize=resize,
+                                          draft=draft)
     if errors and not skip_bad:
         return {"errors": errors}
     kept = [files[i] for i in good]

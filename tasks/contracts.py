@@ -32,6 +32,7 @@ class Options:
     shard_size: int = 5000                    # images per Parquet shard
     channels: int = 1                         # 1: grayscale (luma), 3: RGB
     resize: tuple[int, int] | None = None     # (H, W) every image is resized to; None: all must match
+    exact_resize: bool = False                # with resize: decode JPEGs at full size first (else reduced scale)
     classes: tuple[str, ...] | None = None    # a subset of the class folders
     train_split: str | None = None            # split folder names, when not the usual ones
     valid_split: str | None = None
@@ -44,6 +45,8 @@ class Options:
 
         if self.metric not in METRICS:
             raise OptionError(f"--metric {self.metric}: use one of {', '.join(METRICS)}")
+        if not isinstance(self.exact_resize, bool):
+            raise OptionError(f"--exact-resize {self.exact_resize!r}: expected true or false")
         for name in ("shard_size", "channels", "skip_bad"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected a whole number")
@@ -223,6 +226,7 @@ class ShardJob:
     archive_sha256: str
     channels: int = 1
     resize: bool = False
+    draft: bool = False      # with resize: JPEGs decode at the smallest scale at least that size
     skip_bad: bool = False
     parallel: bool = False   # build on the shared process pool
 

@@ -84,7 +84,7 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
     entries = entries if entries is not None else tree_entries(tree)
     o = options
     key = catalog.step_key("convert", VERSION, tree.digest, layout.to_dict(), o.shard_size, o.channels,
-                           list(o.resize) if o.resize else None)
+                           list(o.resize) if o.resize else None, *(["exact"] if o.resize and o.exact_resize else []))
     rel = catalog.shards_dir(dataset, key)
     split_members, train = [], []
     for role, folder in zip(SPLITS, (layout.train, layout.valid)):
@@ -106,6 +106,7 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
                                  file=catalog.shard_file(rel, role, i, n), members=pack_members(chunk),
                                  blob=posixpath.join(tree.dir, BLOB), shape=shape, classes=tuple(layout.classes),
                                  archive_sha256=tree.archive_sha256, channels=o.channels, resize=bool(o.resize),
+                                 draft=bool(o.resize) and not o.exact_resize,
                                  skip_bad=o.skip_bad > 0, parallel=parallel))
     return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs))
 
@@ -128,7 +129,7 @@ def convert_shard(job: ShardJob, refresh: bool = False) -> Outcome[Part]:
         meta = ShardMeta(shape=tuple(job.shape), classes=list(job.classes), split=job.folder,
                          source_sha256=job.archive_sha256)
         args = (job.root, job.blob, job.entries(), part_of(job.file), meta)
-        kw = {"channels": job.channels, "resize": job.resize, "skip_bad": job.skip_bad}
+        kw = {"channels": job.channels, "resize": job.resize, "draft": job.draft, "skip_bad": job.skip_bad}
         ex = pool.pool() if job.parallel else None
         try:
             out = ex.submit(build_shard, *args, **kw).result() if ex else build_shard(*args, **kw)

@@ -15,15 +15,17 @@ def test_bench_sections_run_and_render(tmp_path):
     assert set(B["steps"]) == {"download", "untar", "convert", "templates", "evaluate", "report"}
     F, _ = bench.worker("decode", {"root": str(root), "seed_tree": str(tree), **B}, tmp_path / "F")
     assert F["same_pixels"] and F["images"] == sum(B["shards"]["counts"]["train"].values())
+    J, _ = bench.worker("jpeg", {"n": 20}, tmp_path / "J")
+    assert J["images"] == 20 and J["diff_mean"] < 6 and set(J["rate"]) == {"exact", "draft"}
     G = bench.scale(3000, tmp_path, tmp_path)
     assert "error" not in G, G.get("error")
     assert {k: round(v["rate"] * v["s"]) for k, v in G["steps"].items()} == {
         "untar": 3000, "convert": 3000, "templates": 2500, "evaluate": 500}
-    R = {"machine": bench.machine(), "A": {**A, "process_s": proc["wall"]}, "A0": A0, "B": B, "F": F,
+    R = {"machine": bench.machine(), "A": {**A, "process_s": proc["wall"]}, "A0": A0, "B": B, "F": F, "J": J,
          "G": {"runs": [G], "flat": True, "notes": []}, "accuracy_equal": True, "accuracy_equal_C": {}}
     text = bench.table(R)
     for row in ("| A | seed extraction (tarfile.extractall", "| B | all steps (download → report)",
                 "| B | from the unpacked archive", "| F | train images: shards → one array",
-                "| dec | B convert throughput", "| 3,000 | convert"):
+                "| dec | B convert throughput", "| 3,000 | convert", "| J | 20 JPEGs of 240-640 px"):
         assert row in text, row
     assert "A equals pixelsim (B, exact): **True**" in text

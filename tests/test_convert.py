@@ -100,3 +100,45 @@ def test_a_dead_worker_is_a_transient_error_and_the_next_try_gets_a_new_pool(tin
     finally:
         pool.shutdown()
     assert not out.cached and out.value.rows == 20 and out.value.counts == {"a": 10, "b": 10}
+
+
+def test_a_jpeg_dataset_of_mixed_sizes_resizes_fast_by_default_and_exactly_on_request(tmp_path):
+    """--resize decodes large JPEGs at a reduced scale (its own cache key); --exact-resize gives
+    the pixels of a full decode + bilinear resize; both classify the same way here."""
+    import io
+
+    from PIL import Image
+
+    import numpy as np
+
+    import pixelsim
+
+    rng = np.random.default_rng(5)
+    folder, originals = tmp_path / "photos", {}
+    for split, n in (("train", 12), ("valid", 6)):
+        for c, tint in (("dark", 60), ("light", 190)):
+            (folder / split / c).mkdir(parents=True)
+            for i in range(n):
+                h, w = int(rng.integers(120, 400)), int(rng.integers(120, 400))
+                small = np.clip(rng.normal(tint, 40, (h // 16, w // 16, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(buf, format="JPEG")
+                (folder / split / c / f"{i:02d}.jpg").write_bytes(buf.getvalue())
+                originals[f"{split}/{c}/{i:02d}.jpg"] = buf.getvalue()
+    root = str(tmp_path / "root")
+    fast = pixelsim.run(source=str(folder), dataset="photos", root=root, resize=[28, 28])
+    exact = pixelsim.run(source=str(folder), dataset="photos", root=root, resize=[28, 28], exact_resize=True)
+    assert fast.outputs.shards.dir != exact.outputs.shards.dir      # other pixels, another folder
+    assert exact.cached["untar"] and not exact.cached["convert"]
+    store = pixelsim.open(root)
+    fx, fl, _ = store.run(fast.run_id).load_split("train")
+    ex, el, classes = store.run(exact.run_id).load_split("train")
+    assert classes == ["dark", "light"] and np.array_equal(fl, el) and fx.shape == ex.shape == (24, 28, 28)
+    paths = [f"train/{classes[label]}/{i:02d}.jpg" for label in (0, 1) for i in range(12)]
+    want = np.stack([np.asarray(Image.open(io.BytesIO(originals[p])).convert("L").resize(
+        (28, 28), Image.Resampling.BILINEAR)) for p in paths])
+    assert np.array_equal(ex, want)
+    diff = np.abs(fx.astype(int) - ex.astype(int))
+    assert 0 < diff.mean() < 4, diff.mean()
+    assert fast.report["metrics"]["l1"]["per_class"] == exact.report["metrics"]["l1"]["per_class"] == \
+        {"dark": 1.0, "light": 1.0}

@@ -196,3 +196,43 @@ def test_encode_png_round_trip():
         encode_png(GRAY.astype(np.float32))
     with pytest.raises(ValueError):
         decode(encode_png(GRAY), "t.png", channels=2)
+
+
+def photo(h: int, w: int, seed: int = 0) -> bytes:
+    """A smooth colour JPEG, like a photo rather than noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(1, h // 16), max(1, w // 16), 3), dtype=np.uint8)
+    return save(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR), "JPEG", quality=92)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jpeg_reduced_scale_decode_is_close_to_the_exact_one(channels):
+    """--resize decodes large JPEGs at a reduced scale: the same shape, pixels within a few
+    levels of full decode + resize; exact mode is full decode + resize, bit for bit."""
+    size = (28, 28)
+    for h, w in ((480, 640), (300, 257), (96, 64)):
+        data = photo(h, w)
+        exact = decode(data, "a.jpg", channels=channels, size=size, resize=True)
+        fast = decode(data, "a.jpg", channels=channels, size=size, resize=True, draft=True)
+        full = np.asarray(Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB"))
+        want = np.asarray(Image.fromarray(full).resize(size[::-1], Image.Resampling.BILINEAR))
+        assert np.array_equal(exact, want)
+        assert fast.shape == exact.shape == want.shape and fast.dtype == np.uint8
+        diff = np.abs(fast.astype(int) - exact.astype(int))
+        assert diff.mean() < 6 and np.percentile(diff, 99) < 24, (h, w, diff.mean(), diff.max())
+        if max(h / size[0], w / size[1]) < 2 * images.DRAFT_MARGIN:   # no smaller scale is large enough
+            assert np.array_equal(fast, exact)
+
+
+def test_jpeg_draft_changes_nothing_without_resize_or_for_a_png():
+    data = photo(120, 160)
+    assert np.array_equal(decode(data, "a.jpg", draft=True), decode(data, "a.jpg"))
+    png = save(RGB)
+    assert np.array_equal(decode(png, "a.png", size=(10, 10), resize=True, draft=True),
+                          decode(png, "a.png", size=(10, 10), resize=True))
+
+
+def test_jpeg_draft_still_refuses_a_truncated_file():
+    data = photo(480, 640)
+    with pytest.raises(ImageError, match="a.jpg: cannot decode JPEG"):
+        decode(data[: len(data) // 2], "a.jpg", size=(28, 28), resize=True, draft=True)
