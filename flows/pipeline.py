@@ -20,7 +20,7 @@ from pixelsim.storage.history import record_run
 from pixelsim.storage.layout import Layout, find_layout
 from pixelsim.storage.sources import fingerprint
 from pixelsim.tasks.contracts import Archive, Evaluation, Options, Report, Request, ShardSet, Templates, Tree
-from pixelsim.tasks.convert import convert_shard, finish_shards, plan_shards, tree_listing
+from pixelsim.tasks.convert import convert_shard, finish_shards, plan_shards, tree_index
 from pixelsim.tasks.download import download_archive, in_root
 from pixelsim.tasks.evaluate import evaluate_shard, finish_evaluation, plan_evaluation
 from pixelsim.tasks.report import write_report
@@ -96,10 +96,10 @@ def run_pipeline(request: Request, runner: Runner) -> RunResult:
 
 def convert(runner: Runner, tree: Tree, dataset: str, o: Options) -> tuple[ShardSet, Layout]:
     """The convert step: find the layout, plan the shards, build them (mapped), publish the set."""
-    entries, folders = tree_listing(tree)
-    layout = find_layout(list(entries), folders=folders, train_split=o.train_split, valid_split=o.valid_split,
-                         classes=list(o.classes) if o.classes else None)
-    plan = plan_shards(tree, layout, dataset, o, entries)
+    index, folders = tree_index(tree)
+    layout = find_layout(index.column("path").to_pylist(), folders=folders, train_split=o.train_split,
+                         valid_split=o.valid_split, classes=list(o.classes) if o.classes else None)
+    plan = plan_shards(tree, layout, dataset, o, index)
     shards = finish_shards(plan, runner.map("convert", convert_shard, plan.jobs), dataset, tree.root, o.skip_bad)
     if shards.skipped:
         runner.log.warning("skipped %d bad image file(s) (--skip-bad %d):\n  %s", len(shards.skipped), o.skip_bad,

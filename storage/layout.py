@@ -131,20 +131,55 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
 
 def split_files(paths: list[str], layout: Layout, split: str) -> list[tuple[str, int]]:
     """(path, class index) of every file under the split's class folders, in a fixed order."""
-    folder = posixpath.join(layout.base, split) if layout.base else split
-    index = {c: i for i, c in enumerate(layout.classes)}
-    prefix = folder + "/"
-    cut = len(prefix)
-    out = []
-    for p in paths:
-        if not p.startswith(prefix) or _hidden(p):
-            continue
-        cls, sep, _ = p[cut:].partition("/")
-        if sep and cls in index:
-            out.append((p, index[cls]))
-    out.sort(key=lambda t: (t[1], natural_key(t[0][cut:])))
-    return out
+    import pyarrow as pa
 
+    rows = split_rows(pa.table({"path": pa.array(paths, pa.string())}), layout, split)
+    return list(zip(rows.column("path").to_pylist(), rows.column("label").to_pylist()))
+
+
+# a name with exactly one run of digits (0001.png, img_12.jpg): its natural order is a plain
+# sort once the digits are zero-padded, so the common case needs no Python per file
+_ONE_NUMBER = r"^([^0-9]*)([0-9]+)([^0-9]*)$"
+_PAD = 20
+
+
+def split_rows(index: "pa.Table", layout: Layout, split: str) -> "pa.Table":
+    """The rows of the unpacked archive's index (a `path` column, and any others) that lie under
+    the split's class folders, with a `label` (class index) column, sorted by class, then
+    naturally by name. Vectorized in Arrow: a million paths take a fraction of a second when
+    every name holds one number; other names fall back to `natural_key` in Python."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    folder = posixpath.join(layout.base, split) if layout.base else split
+    prefix = folder + "/"
+    path = index.column("path")
+    rows = index.filter(pc.and_(pc.starts_with(path, prefix),
+                                pc.invert(pc.match_substring_regex(path, _HIDDEN.pattern))))
+    rest = pc.utf8_slice_codeunits(rows.column("path"), len(prefix))
+    parts = pc.split_pattern(rest, "/", max_splits=1)
+    label = pc.index_in(pc.list_element(parts, 0), value_set=pa.array(list(layout.classes), pa.string()))
+    keep = pc.and_(pc.equal(pc.list_value_length(parts), 2), pc.is_valid(label))
+    rows = rows.append_column("label", label.cast(pa.int64())).filter(keep)
+    if not len(rows):
+        return rows
+    name = pc.list_element(pc.split_pattern(pc.utf8_slice_codeunits(rows.column("path"), len(prefix)), "/",
+                                            max_splits=1), 1)
+    if pc.all(pc.match_substring_regex(name, _ONE_NUMBER)).as_py():
+        pieces = pc.extract_regex(name, r"^(?P<a>[^0-9]*)(?P<n>[0-9]+)(?P<b>[^0-9]*)$")
+        digits = pc.struct_field(pieces, "n")
+        if pc.max(pc.utf8_length(digits)).as_py() <= _PAD:
+            # \x00 sorts below every character, so a shorter text part sorts first, as in natural_key
+            key = pc.binary_join_element_wise(pc.struct_field(pieces, "a"), pc.utf8_lpad(digits, _PAD, "0"),
+                                              pc.struct_field(pieces, "b"), "\x00")
+            order = pc.sort_indices(pa.table({"label": rows.column("label"), "key": key,
+                                              "path": rows.column("path")}),
+                                    sort_keys=[("label", "ascending"), ("key", "ascending"),
+                                               ("path", "ascending")])
+            return rows.take(order)
+    names, labels = name.to_pylist(), rows.column("label").to_pylist()
+    order = sorted(range(len(names)), key=lambda i: (labels[i], natural_key(names[i])))
+    return rows.take(pa.array(order, pa.int64()))
 
 def check_names(folders: list[str], *, train_split: str | None = None, valid_split: str | None = None,
                 classes: list[str] | None = None) -> None:

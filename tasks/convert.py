@@ -13,13 +13,14 @@ from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
+import pyarrow as pa
 
 from pixelsim.storage import catalog
 from pixelsim.storage.archive import BLOB, INDEX, read_index
 from pixelsim.storage.cache import Outcome, load_part, record_part, reuse_or_build
 from pixelsim.storage.errors import ImageError, LayoutError, TransientError
 from pixelsim.storage.images import decode_members, peek_size
-from pixelsim.storage.layout import Layout, split_files
+from pixelsim.storage.layout import Layout, split_rows
 from pixelsim.storage.root import MANIFEST, Root, part_of, publish_parts
 from pixelsim.storage.shards import Member, ShardMeta, build_shard, member_bytes
 from pixelsim.tasks import pool
@@ -30,20 +31,22 @@ SPLITS = ("train", "valid")
 MAX_LISTED = 20
 # Below this many files a process pool's start (about 0.3 s) costs more than its cores save.
 POOL_MIN_IMAGES = 50_000
+SIZE_SAMPLE = 101   # training files whose headers decide the common image size
 
 
-def tree_listing(tree: Tree) -> tuple[dict[str, tuple[int, int, str]], list[str]]:
-    """{path inside the archive: (offset, size, sha256)} of the unpacked members, and the
+def tree_index(tree: Tree) -> tuple[pa.Table, list[str]]:
+    """The unpacked members' index (path, offset, size, sha256, in archive order) and the
     archive's folders (an empty class folder has no file to show it)."""
     root = Root(tree.root)
     manifest = root.read_json(posixpath.join(tree.dir, MANIFEST))
-    index = read_index(root.read_bytes(posixpath.join(tree.dir, INDEX)))
-    cols = [index.column(c).to_pylist() for c in ("path", "offset", "size", "sha256")]
-    return {p: (o, n, h) for p, o, n, h in zip(*cols)}, manifest.get("dirs", [])
+    return read_index(root.read_bytes(posixpath.join(tree.dir, INDEX))), manifest.get("dirs", [])
 
 
 def tree_entries(tree: Tree) -> dict[str, tuple[int, int, str]]:
-    return tree_listing(tree)[0]
+    """{path inside the archive: (offset, size, sha256)} of the unpacked members."""
+    index = tree_index(tree)[0]
+    cols = [index.column(c).to_pylist() for c in ("path", "offset", "size", "sha256")]
+    return {p: (o, n, h) for p, o, n, h in zip(*cols)}
 
 
 def read_members(tree: Tree, files: list[Member]) -> list[bytes]:
@@ -51,7 +54,7 @@ def read_members(tree: Tree, files: list[Member]) -> list[bytes]:
     return member_bytes(Root(tree.root), posixpath.join(tree.dir, BLOB), files)
 
 
-def common_size(tree: Tree, files: list[Member], sample: int = 101) -> tuple[int, int]:
+def common_size(tree: Tree, files: list[Member], sample: int = SIZE_SAMPLE) -> tuple[int, int]:
     """The most common image size among evenly spread training files, so that one odd file,
     even the first, is the one reported as mis-sized."""
     picked = files[::max(1, len(files) // sample)][:sample]
@@ -74,41 +77,52 @@ def read_image(data: bytes, member: Member, *, channels: int, size: tuple[int, i
 
 
 def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
-                entries: dict[str, tuple[int, int, str]] | None = None) -> ShardPlan:
+                index: pa.Table | None = None) -> ShardPlan:
     """Split both splits' files into shards; fix the image shape from the training images.
 
     Each job lists its members with their digests, and its file name follows from the folder's
     key (the tree's digest, the layout and the options that shape pixels), so a shard is reused
-    exactly when its own inputs are unchanged. `entries` is `tree_entries` when already read.
+    exactly when its own inputs are unchanged. `index` is `tree_index`'s table when already
+    read. Selection and order are Arrow work; only one shard's rows at a time become Python
+    objects (its job's JSON).
     """
-    entries = entries if entries is not None else tree_entries(tree)
+    index = index if index is not None else tree_index(tree)[0]
     o = options
     key = catalog.step_key("convert", VERSION, tree.digest, layout.to_dict(), o.shard_size, o.channels,
                            list(o.resize) if o.resize else None, *(["exact"] if o.resize and o.exact_resize else []))
     rel = catalog.shards_dir(dataset, key)
-    split_members, train = [], []
+    splits = []
     for role, folder in zip(SPLITS, (layout.train, layout.valid)):
-        files = split_files(list(entries), layout, folder)
-        if not files:
+        rows = split_rows(index, layout, folder).select(list(Member._fields))
+        if not len(rows):
             raise LayoutError(f"split {folder}/ holds no images of classes {', '.join(layout.classes)}")
-        members = [Member(p, c, entries[p][2], entries[p][1], entries[p][0]) for p, c in files]
-        split_members.append((role, folder, members))
-        train = members if role == "train" else train
-    shape = tuple(o.resize) if o.resize else tuple(common_size(tree, train))
+        splits.append((role, folder, rows))
+    if o.resize:
+        shape = tuple(o.resize)
+    else:
+        train = splits[0][2]
+        step = max(1, len(train) // SIZE_SAMPLE)
+        picked = train.take(pa.array(range(0, len(train), step), pa.int64())).slice(0, SIZE_SAMPLE)
+        shape = tuple(common_size(tree, [Member(**r) for r in picked.to_pylist()]))
     shape += (3,) if o.channels == 3 else ()
-    parallel = len(entries) >= POOL_MIN_IMAGES
+    parallel = len(index) >= POOL_MIN_IMAGES
     jobs = []
-    for role, folder, members in split_members:
-        n = math.ceil(len(members) / o.shard_size)
+    for role, folder, rows in splits:
+        n = math.ceil(len(rows) / o.shard_size)
         for i in range(n):
-            chunk = members[i * o.shard_size:(i + 1) * o.shard_size]
+            chunk = rows.slice(i * o.shard_size, o.shard_size)
             jobs.append(ShardJob(root=tree.root, dir=rel, name=f"convert-{role}-{i:05d}", split=role, folder=folder,
-                                 file=catalog.shard_file(rel, role, i, n), members=pack_members(chunk),
+                                 file=catalog.shard_file(rel, role, i, n), members=pack_rows(chunk),
                                  blob=posixpath.join(tree.dir, BLOB), shape=shape, classes=tuple(layout.classes),
                                  archive_sha256=tree.archive_sha256, channels=o.channels, resize=bool(o.resize),
                                  draft=bool(o.resize) and not o.exact_resize,
                                  skip_bad=o.skip_bad > 0, parallel=parallel))
     return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs))
+
+
+def pack_rows(rows: pa.Table) -> str:
+    """A shard's members (rows of Member's columns) as one JSON string of rows (see ShardJob)."""
+    return json.dumps(list(zip(*(rows.column(c).to_pylist() for c in Member._fields))), separators=(",", ":"))
 
 
 def pack_members(members: list[Member]) -> str:

@@ -182,3 +182,29 @@ def test_convert_lists_every_bad_file(tmp_path):
     assert "2 bad image file(s)" in str(e.value)
     assert "d/train/a/2.png" in str(e.value) and "d/valid/b/9.png" in str(e.value)
     assert list((tmp_path / "root").glob("shards/*/*/*.parquet")) == []
+
+
+@pytest.mark.parametrize("one_number", [True, False], ids=["one-number-names", "any-names"])
+def test_split_order_is_natural_on_the_vectorized_path_and_the_fallback(one_number):
+    """split_rows sorts in Arrow when every name holds one number; either way the order is
+    the class, then natural_key's order (a digit run compares by its value)."""
+    import random
+
+    rng = random.Random(7)
+    chars = "ab-_. xZ~"
+    names = set()
+    while len(names) < 3000:
+        a = "".join(rng.choice(chars) for _ in range(rng.randint(0, 3)))
+        b = "".join(rng.choice(chars) for _ in range(rng.randint(0, 3)))
+        n = str(rng.randint(0, 10 ** rng.randint(1, 12)))
+        extra = "" if one_number else rng.choice(["", f"{rng.randint(0, 99)}", "v2"])
+        if not a.startswith("."):            # dotfiles are never data
+            names.add(f"{a}{n}{b}{extra}.png")
+    paths = [f"d/train/{c}/{name}" for name in sorted(names) for c in ("10", "9")]
+    rng.shuffle(paths)
+    lay = find_layout(paths + ["d/valid/9/x.png", "d/valid/10/y.png"])
+    got = split_files(paths, lay, "train")
+    assert len(got) == len(paths) and [c for _, c in got] == sorted(c for _, c in got)
+    assert lay.classes == ["9", "10"]
+    keys = [(c, natural_key(p.rsplit("/", 1)[1])) for p, c in got]
+    assert keys == sorted(keys)
