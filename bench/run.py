@@ -18,6 +18,23 @@ REPEAT = 3   # runs of A, C and D [pixelsim]; the median is reported
 MODES = ("pixelsim", "temporary")   # C/D/E: pixelsim's own background server (the default), a temporary one
 
 
+def vmhwm(pid: int | str = "self") -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss, nor wait4's: Linux carries
+    the spawning parent's peak into a child started by vfork+exec, as subprocess does, so those
+    report at least the benchmark's own size (which grows with the synthetic data it makes)."""
+    return vmhwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def timed(fn, *args, **kwargs):
     """(result, {"s": wall seconds, "cpu": CPU seconds of this process and its children})."""
     cpu = lambda: sum(getattr(resource.getrusage(who), f) for f in ("ru_utime", "ru_stime")  # noqa: E731
@@ -159,6 +176,9 @@ def w_step(p: dict) -> dict:
     elif name == "convert":
         tree = Tree.load(root, p["tree"])
         out, t = timed(lambda: pipeline.convert(PlainRunner(), tree, "synthetic", Options())[0])
+        from pixelsim.tasks import pool
+        procs = getattr(pool._pool, "_processes", None) or {}   # the shard-building workers, still up
+        t["workers_rss_mb"] = sum(vmhwm(pid) for pid in procs)
     elif name == "templates":
         shards = ShardSet.load(root, p["shards"])
         out, t = timed(lambda: compute_templates(shards).value)
@@ -283,7 +303,8 @@ def scale(n: int, tmp: Path, logs: Path) -> dict:
             if key:
                 state[key] = res["out"]
             result["steps"][name] = {"s": res["s"], "wall": proc["wall"], "cores": res["cpu"] / res["s"],
-                                     "rate": images[name] / res["s"], "rss_mb": proc["rss_mb"],
+                                     "rate": images[name] / res["s"],
+                                     "rss_mb": res["peak_rss_mb"] + res.get("workers_rss_mb", 0.0),
                                      "layout_s": res.get("layout_s")}
     except Exception as e:  # noqa: BLE001 - keep what was measured
         result["error"] = f"N={n:,}: {type(e).__name__}: {e}"[:500]
@@ -479,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.worker:
         name, src, dst = a.worker
-        Path(dst).write_text(json.dumps(WORKERS[name](json.loads(Path(src).read_text()) if src != "-" else {})))
+        out = WORKERS[name](json.loads(Path(src).read_text()) if src != "-" else {})
+        Path(dst).write_text(json.dumps({**out, "peak_rss_mb": peak_rss_mb()} if isinstance(out, dict) else out))
         return 0
     t0, out, data = time.perf_counter(), a.out.resolve(), a.data.resolve()
     tmp, logs = out / "tmp", out / "logs"
