@@ -173,13 +173,36 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Every failure ends in one line `pixelsim: error: ...` (exit 1; 2 for a bad option), with
     the traceback only under --verbose; Ctrl-C and a closed pipe end quietly."""
-    try:
+    if argv is not None:   # a caller in a longer-lived process (tests, scripts)
         return _main(argv)
+    try:
+        code = _main(None)
+    except SystemExit as e:   # argparse's --help, --version and usage errors
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    exit_now(code)
+    return code   # not reached
+
+
+def exit_now(code: int) -> None:
+    """End the program the way the interpreter would, minus its teardown: wait for threads, run
+    the atexit handlers (Prefect's log and event flushes, the process pool's shutdown), flush,
+    then `os._exit`. The teardown's garbage collections walked every object Prefect and torch
+    made (1 s a run here), and tearing down native thread pools at exit is a known source of
+    rare aborts ("terminate called without an active exception", SIGABRT, seen here once in
+    about 20 runs of the plain pipeline) and hangs (apache/arrow#34314, #50482)."""
+    import atexit
+    import threading
+
+    try:
+        threading._shutdown()   # what the interpreter does first: join the non-daemon threads
+        atexit._run_exitfuncs()
     finally:
-        if argv is None:   # the program itself, about to exit (not a caller in a longer-lived process)
-            # the interpreter's last garbage collections walk every object Prefect and torch made
-            # (1 s at the end of a run here); frozen, they are skipped, and the OS takes the memory back
-            gc.freeze()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):   # a closed pipe or stream: nothing more to say
+                pass
+        os._exit(code)
 
 
 def _main(argv: list[str] | None) -> int:
@@ -339,4 +362,4 @@ def command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
