@@ -17,7 +17,7 @@ from pixelsim.flows.runners import RETRIES, Runner
 from pixelsim.storage.errors import DownloadError, PixelsimError
 from pixelsim.storage.fetch import redact
 from pixelsim.storage.history import record_run
-from pixelsim.storage.layout import Layout, find_layout
+from pixelsim.storage.layout import Layout, find_layout, layout_paths
 from pixelsim.storage.sources import fingerprint
 from pixelsim.tasks.contracts import Archive, Evaluation, Options, Report, Request, ShardSet, Templates, Tree
 from pixelsim.tasks.convert import convert_shard, finish_shards, plan_shards, tree_index
@@ -97,7 +97,7 @@ def run_pipeline(request: Request, runner: Runner) -> RunResult:
 def convert(runner: Runner, tree: Tree, dataset: str, o: Options) -> tuple[ShardSet, Layout]:
     """The convert step: find the layout, plan the shards, build them (mapped), publish the set."""
     index, folders = tree_index(tree)
-    layout = find_layout(index.column("path").to_pylist(), folders=folders, train_split=o.train_split,
+    layout = find_layout(layout_paths(index), folders=folders, train_split=o.train_split,
                          valid_split=o.valid_split, classes=list(o.classes) if o.classes else None)
     plan = plan_shards(tree, layout, dataset, o, index)
     shards = finish_shards(plan, runner.map("convert", convert_shard, plan.jobs), dataset, tree.root, o.skip_bad)

@@ -129,6 +129,32 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
     return Layout(base=base, train=train, valid=valid, classes=train_classes, notes=notes)
 
 
+def layout_paths(index: "pa.Table") -> list[str]:
+    """The paths `find_layout` needs from an unpacked index, found in Arrow: every file of a
+    folder that holds other folders (files beside split or class folders get a note), and one
+    file of each other folder (where only "has files" counts). For MNIST-like data that is a
+    few dozen paths instead of every image; the layout found is the same."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    path = index.column("path")
+    visible = index.select(["path"]).filter(pc.invert(pc.match_substring_regex(path, _HIDDEN.pattern)))
+    parent = pc.struct_field(pc.extract_regex(visible.column("path"), r"^(?P<p>(?:.*/)?)[^/]*$"), "p")
+    table = visible.append_column("parent", pc.utf8_rtrim(parent, "/"))
+    firsts = table.group_by("parent").aggregate([("path", "min")])
+    parents = firsts.column("parent").to_pylist()
+    above = set()
+    for folder in parents:
+        while folder:
+            folder = folder.rpartition("/")[0]
+            if folder in above:
+                break
+            above.add(folder)
+    holders = [p for p in parents if p in above]
+    everything = table.filter(pc.is_in(table.column("parent"), value_set=pa.array(holders, pa.string())))
+    return sorted(set(firsts.column("path_min").to_pylist()) | set(everything.column("path").to_pylist()))
+
+
 def split_files(paths: list[str], layout: Layout, split: str) -> list[tuple[str, int]]:
     """(path, class index) of every file under the split's class folders, in a fixed order."""
     import pyarrow as pa

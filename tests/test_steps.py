@@ -208,3 +208,20 @@ def test_split_order_is_natural_on_the_vectorized_path_and_the_fallback(one_numb
     assert lay.classes == ["9", "10"]
     keys = [(c, natural_key(p.rsplit("/", 1)[1])) for p, c in got]
     assert keys == sorted(keys)
+
+
+def test_the_layout_is_found_from_a_few_paths_the_same_as_from_all():
+    """layout_paths keeps every file of a folder holding folders, one of every other folder."""
+    import pyarrow as pa
+
+    from pixelsim.storage.layout import layout_paths
+
+    paths = [f"w/data/{split}/{c}/{i}.png" for split in ("train", "valid") for c in ("3", "7", "10")
+             for i in range(50)]
+    paths += ["w/data/train/labels.csv", "w/data/README", "w/data/test/x.png", "w/.hidden/a.png",
+              "w/data/train/8/.DS_Store", "w/data/extra/4/a.png", "top.txt"]
+    few = layout_paths(pa.table({"path": paths}))
+    assert len(few) < 20 and "w/data/train/labels.csv" in few and "w/data/README" in few
+    assert not any("/." in p for p in few) and "w/data/train/8/.DS_Store" not in few
+    assert find_layout(few) == find_layout(paths)
+    assert find_layout(few, classes=["3", "10"]) == find_layout(paths, classes=["3", "10"])
