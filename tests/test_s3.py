@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 
 import pytest
 
@@ -88,3 +89,33 @@ def test_failed_run_publishes_nothing(cli, s3, tmp_path):
     # the download itself was fine and is kept (with its manifest); nothing derived from it is published
     keys = objects(fs, "failed")
     assert {k.split("/")[0] for k in keys} == {"archives"}, keys
+
+
+def test_dask_workers_on_an_s3_root_give_the_same_figures_and_a_second_client_reuses_them(cli, s3, tmp_path):
+    """Convert and evaluate on a Dask cluster whose workers are separate processes with their own
+    PREFECT_HOME and working folder: all they share with the client is the s3:// root."""
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("prefect_dask")
+    env, fs = s3
+    root = f"s3://{BUCKET}/dask"
+    preload = tmp_path / "worker_setup.py"
+    preload.write_text("import os, tempfile\n\ndef dask_setup(worker):\n"
+                       "    os.chdir(tempfile.mkdtemp(prefix='dask-worker-cwd-'))\n")
+    worker_env = {**env, "PREFECT_HOME": str(tmp_path / "worker-home"), "PREFECT_API_URL": cli.env["PREFECT_API_URL"],
+                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None, env=worker_env, preload=[str(preload)]) as cluster, \
+            distributed.Client(cluster) as client:
+        assert len(set(client.run(os.getcwd).values()) | {os.getcwd()}) == 3   # three working folders
+        args = ("run", "--source", str(TINY), "--root", root, "--shard-size", "300", "--task-runner", "dask",
+                "--dask-address", cluster.scheduler_address, "--json")
+        first = cli(*args, env=env)
+        assert first.code == 0, first.stderr
+        assert_figures(first.report, TINY_FIGURES)
+        ran = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        assert len(ran) == 2 and sum(ran.values()) >= 9          # 6 convert and 3 evaluate shard tasks
+        home = tmp_path / "second-client"
+        again = cli(*args, env={**env, "PREFECT_HOME": str(home), "PREFECT_LOCAL_STORAGE_PATH": str(home / "results")})
+    assert again.code == 0, again.stderr
+    assert "reused cached results for 6 of 6 steps" in again.stderr and again.report == first.report
+    assert not [k for k in objects(fs, "dask") if ".tmp-" in k or "/_parts/" in k]
