@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pixelsim.storage.cache import prefect_home
 from pixelsim.storage.errors import OptionError, PixelsimError
-from pixelsim.storage.locks import alive
+from pixelsim.storage.locks import alive, identity
 
 DEFAULT_PORT = 4200
 MODES = ("auto", "temporary")   # PIXELSIM_SERVER
@@ -58,7 +58,7 @@ def _state() -> dict | None:
     """The recorded server, if its process is alive (it may still be booting)."""
     try:
         state = json.loads(state_file().read_text())
-        if isinstance(state, dict) and alive(int(state.get("pid", 0) or 0)) and state.get("api"):
+        if isinstance(state, dict) and state.get("api") and alive(int(state.get("pid", 0) or 0), state.get("identity")):
             return state
     except (OSError, ValueError, TypeError):
         pass
@@ -110,7 +110,8 @@ def launch(port: int | None = None) -> tuple[dict, bool]:
             proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                      "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        state = {"pid": proc.pid, "api": api, "ui": api.removesuffix("/api"), "log": str(log)}
+        state = {"pid": proc.pid, "identity": identity(proc.pid), "api": api, "ui": api.removesuffix("/api"),
+                 "log": str(log)}
         tmp = state_file().with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         os.replace(tmp, state_file())

@@ -5,12 +5,17 @@ its content in one step (written under a temporary name, then hard-linked onto t
 name, which fails if the lock exists), so it is never seen empty. A lock whose process is gone
 (same host) or whose time is up is broken by the next one who wants it.
 
+A holder is recognised by its process's identity, not its pid alone: the boot id and the
+process's start time (`identity`), so a pid that a later process reuses (after a container
+restart, or a long uptime) does not keep a dead run's lock for an hour.
+
 A file that cannot be parsed (written by hand, or in place by another tool) counts as held
 while it is fresh, and is broken once it has been left that way for EMPTY_STALE_S.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -23,14 +28,29 @@ EMPTY_STALE_S = 10.0
 POLL_S = 0.1
 
 
-def alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host."""
+def identity(pid: int) -> str | None:
+    """`<boot id>:<start time in clock ticks>` of a process on this host, None where /proc has
+    no answer (another OS, or the process is gone)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{boot}:{stat.rsplit(')', 1)[1].split()[19]}"   # field 22, after the (comm) field
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int, ident: str | None = None) -> bool:
+    """Whether the process exists on this host; with `ident` (from `identity`), whether it is
+    still that process rather than a later one that was given the same pid."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
+    if ident is not None:
+        now = identity(pid)
+        return now is None or now == ident
     return True
 
 
@@ -78,7 +98,8 @@ class ExpiringLockManager:
         if info is None:
             return False
         pid = info.get("pid")
-        dead = info.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not alive(pid)
+        ident = info.get("identity") if isinstance(info.get("identity"), str) else None
+        dead = info.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not alive(pid, ident)
         if dead or _expired(info.get("expiration")):
             self._path(key).unlink(missing_ok=True)
             return False
@@ -93,10 +114,11 @@ class ExpiringLockManager:
         """Take the lock, waiting up to `acquire_timeout` seconds (None: as long as it takes)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
-        body = json.dumps({"holder": holder, "host": HOST, "pid": os.getpid(),
+        body = json.dumps({"holder": holder, "host": HOST, "pid": os.getpid(), "identity": identity(os.getpid()),
                            "expiration": time.time() + (hold_timeout or self.hold_timeout)}).encode()
         tmp = self.dir / f".{key}.{os.getpid()}-{threading.get_ident()}.tmp"
         tmp.write_bytes(body)
+        told = False
         try:
             while True:
                 try:
@@ -109,6 +131,12 @@ class ExpiringLockManager:
                         continue          # broken just now: try again at once
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
+                if not told:   # say who is in the way, once, so a wait is never silent
+                    told = True
+                    info = self._info(key) or {}
+                    logging.getLogger("pixelsim").info(
+                        "waiting for %s: held by %s (pid %s on %s) until it finishes or dies", self._path(key),
+                        info.get("holder"), info.get("pid"), info.get("host"))
                 time.sleep(POLL_S)
         finally:
             tmp.unlink(missing_ok=True)

@@ -396,6 +396,31 @@ def test_a_dead_holders_lock_is_broken_at_once(tmp_path):
     m.release_lock("k", "me")
 
 
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_broken_at_once(tmp_path, caplog):
+    """After a container restart a dead run's pid can belong to a live process: the lock records
+    the holder's identity (boot id and start time), so such a lock does not hold for an hour."""
+    from pixelsim.storage.locks import HOST, ExpiringLockManager, identity
+
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        m = ExpiringLockManager(tmp_path)
+        lock = {"holder": "x", "expiration": "2999-01-01 00:00:00+00:00", "host": HOST, "pid": other.pid}
+        (tmp_path / "k.lock").write_text(json.dumps({**lock, "identity": identity(other.pid)}))
+        assert m.is_locked("k")                            # its own live holder: held
+        with caplog.at_level("INFO", logger="pixelsim"):
+            assert not m.acquire_lock("k", "me", acquire_timeout=0.3)
+        assert f"held by x (pid {other.pid} on {HOST})" in caplog.text     # a wait says who is in the way
+        stale = identity(other.pid).rsplit(":", 1)[0] + ":1"               # same pid, an earlier process
+        (tmp_path / "k.lock").write_text(json.dumps({**lock, "identity": stale}))
+        assert not m.is_locked("k") and not (tmp_path / "k.lock").exists()
+        assert m.acquire_lock("k", "me", acquire_timeout=1)
+        assert json.loads((tmp_path / "k.lock").read_text())["identity"] == identity(os.getpid())
+        m.release_lock("k", "me")
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_a_lock_file_caught_mid_write_counts_as_held(tmp_path):
     """Prefect creates a lock file empty, then writes it: a concurrent run reading it in between
     must wait, not crash (seen as 'EOF while parsing' failures of simultaneous runs)."""
