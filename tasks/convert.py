@@ -180,6 +180,10 @@ def finish_shards(plan: ShardPlan, parts: list[Part], dataset: str, root: str, s
     if len(skipped) > skip_bad:
         raise BadImages(skipped)
     counts = {s: {c: sum(x.counts[c] for x in parts if x.split == s) for c in plan.classes} for s in SPLITS}
+    if empty := [c for c in plan.classes if counts["train"][c] == 0]:
+        raise BadImages([f"class {c}: no training image is left after --skip-bad left out unreadable ones, so it "
+                         f"has no template (fix or remove its bad files, or leave the class out with --classes)"
+                         for c in empty] + skipped)
     out = ShardSet(root=root, dir=plan.dir, digest="", dataset=dataset, classes=list(plan.classes),
                    shape=list(plan.shape), counts=counts,
                    shards={s: [x.file for x in parts if x.split == s] for s in SPLITS},

@@ -142,3 +142,25 @@ def test_a_jpeg_dataset_of_mixed_sizes_resizes_fast_by_default_and_exactly_on_re
     assert 0 < diff.mean() < 4, diff.mean()
     assert fast.report["metrics"]["l1"]["per_class"] == exact.report["metrics"]["l1"]["per_class"] == \
         {"dark": 1.0, "light": 1.0}
+
+
+def test_skip_bad_never_leaves_a_class_without_training_images(tmp_path):
+    """--skip-bad may leave out bad files, but a class whose every training image is bad has no
+    template: the run fails naming it instead of reporting figures without it."""
+    import numpy as np
+
+    import pixelsim
+    from pixelsim.storage.images import encode_png
+    from pixelsim.tasks.convert import BadImages
+
+    rng = np.random.default_rng(3)
+    for split in ("train", "valid"):
+        for c in ("a", "b"):
+            (tmp_path / "src" / split / c).mkdir(parents=True)
+            for i in range(4):
+                bad = split == "train" and c == "b"
+                data = b"\x89PNG\r\n\x1a\nnot really" if bad else encode_png(rng.integers(0, 256, (8, 8), np.uint8))
+                (tmp_path / "src" / split / c / f"{i}.png").write_bytes(data)
+    with pytest.raises(BadImages) as e:
+        pixelsim.run(source=str(tmp_path / "src"), dataset="onebad", root=str(tmp_path / "root"), skip_bad=10)
+    assert "class b: no training image is left" in str(e.value) and "src/train/b/0.png" in str(e.value)
