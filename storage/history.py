@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import posixpath
 import uuid
 from datetime import datetime, timezone
@@ -120,14 +121,28 @@ def history_files(root: Root) -> list[str]:
     return sorted(p for p in root.fs.glob(pattern) if not posixpath.basename(p).startswith(("_", ".")))
 
 
-def _read(root: Root, path: str) -> pa.Table:
-    with root.fs.open(path, "rb") as f:
-        return pq.ParquetFile(f).read()
+def _read(root: Root, path: str) -> pa.Table | None:
+    """One run's rows; None, with a warning naming the file, when it cannot be read (a damaged
+    or foreign file must not hide every other run)."""
+    try:
+        with root.fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read()
+        if not {"run_id", "time", "dataset", "metric"} <= set(table.column_names):
+            raise ValueError("not a pixelsim history file (missing columns)")
+        return table
+    except (OSError, ValueError, pa.ArrowException) as e:
+        if path not in _warned:   # once per process, however often the history is read
+            _warned.add(path)
+            logging.getLogger("pixelsim").warning("history file %s skipped: unreadable (%s)", path, e)
+        return None
+
+
+_warned: set[str] = set()
 
 
 def read_history(root: Root) -> pa.Table:
     """Every run's rows, oldest first; an empty table when nothing was recorded."""
-    tables = [_read(root, path) for path in history_files(root)]
+    tables = [t for t in (_read(root, path) for path in history_files(root)) if t is not None]
     if not tables:
         return SCHEMA.empty_table()
     table = pa.concat_tables(tables, promote_options="default")
@@ -151,7 +166,8 @@ def recent_rows(root: Root, dataset: str, metric: str, runs: int) -> list[dict]:
     files from the newest back until enough are found (not the whole history)."""
     found: list[dict] = []
     for path in reversed(history_files(root)):
-        found += [r for r in as_rows(_read(root, path)) if r["dataset"] == dataset and r["metric"] == metric]
+        table = _read(root, path)
+        found += [r for r in as_rows(table) if r["dataset"] == dataset and r["metric"] == metric] if table else []
         if len(found) >= runs:
             break
     return sorted(found, key=lambda r: (r["time"], r["run_id"]))[-runs:]

@@ -88,3 +88,15 @@ def test_diff_of_a_first_run_or_an_unknown_one_is_one_line(history):
                        (["diff", "a", "b", "c"], "diff takes at most two runs")):
         p = pixelsim_cli(history, *args)
         assert p.returncode in (1, 2) and p.stderr.count("\n") == 1 and line in p.stderr, p.stderr
+
+
+def test_an_unreadable_history_file_is_skipped_with_a_warning_not_fatal(history, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(history["root"], root)
+    (root / "history" / "20990101T000000.000000Z-garbage.parquet").write_bytes(b"PAR1 not parquet")
+    copy = {**history, "root": str(root)}
+    for args in (["runs", "--json"], ["show", "--json"], ["diff", "--json"]):
+        p = pixelsim_cli(copy, *args)
+        assert p.returncode == 0, (args, p.stderr)
+        assert "garbage.parquet skipped: unreadable" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert len(json.loads(pixelsim_cli(copy, "runs", "--json").stdout)) == 3
