@@ -3,6 +3,7 @@ the convert step's progress. Called by the flow only; the pipeline knows nothing
 from __future__ import annotations
 
 import base64
+import html
 import posixpath
 import re
 from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
@@ -13,7 +14,7 @@ from pixelsim.flows.progress import notify
 from pixelsim.storage.history import recent_rows
 from pixelsim.storage.root import Root, digest_json
 from pixelsim.tasks.contracts import Request, Templates
-from pixelsim.tasks.report import render_markdown
+from pixelsim.tasks.report import md, render_markdown
 
 
 def artifact_prefix(request: Request) -> str:
@@ -66,9 +67,10 @@ def template_images(tmpl: Templates, per_row: int = 10) -> list[str]:
             png = root.read_bytes(posixpath.join(tmpl.dir, f"{c}.png"))
             if len(png) > MAX_INLINE:
                 return []
+            name = html.escape(c, quote=True)
             cells.append(f'<img src="data:image/png;base64,{base64.b64encode(png).decode()}" '
-                         f'width="{TEMPLATE_WIDTH}" alt="template of {c}" title="{c}">')
-        out += ["| " + " | ".join(classes[i:i + per_row]) + " |", "|" + "---|" * len(cells),
+                         f'width="{TEMPLATE_WIDTH}" alt="template of {name}" title="{name}">')
+        out += ["| " + " | ".join(map(md, classes[i:i + per_row])) + " |", "|" + "---|" * len(cells),
                 "| " + " | ".join(cells) + " |", ""]
     return out
 

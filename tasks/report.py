@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from pixelsim.storage import catalog
 from pixelsim.storage.artifacts import TEMPLATES, confusion_csv
@@ -47,6 +48,15 @@ def build_report(source: dict, shards: ShardSet, templates: Templates, evaluatio
     }
 
 
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>|~])")
+
+
+def md(text: object) -> str:
+    """Text from the data (class folder names, paths, notes) as literal Markdown: a class named
+    `a|b` or `<img ...>` must not split a table or inject markup into report.md or the UI."""
+    return _MARKDOWN.sub(r"\\\1", str(text)).replace("\n", " ")
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in rows]
@@ -65,15 +75,16 @@ def render_markdown(report: dict) -> str:
                    for n in names]),
            "", "## Per class", "",
            _table(["class", "train images", "valid images", *[f"{n} accuracy" for n in names]],
-                  [[c, counts["train"].get(c, 0), counts["valid"].get(c, 0),
+                  [[md(c), counts["train"].get(c, 0), counts["valid"].get(c, 0),
                     *[metrics[n]["per_class"][c] for n in names]] for c in classes])]
     for n in names:
         out += ["", f"## Confusion ({n}; rows true, columns predicted)", "",
-                _table(["true \\ predicted", *classes], [[c, *row] for c, row in zip(classes, metrics[n]["confusion"])])]
+                _table(["true \\ predicted", *map(md, classes)],
+                       [[md(c), *row] for c, row in zip(classes, metrics[n]["confusion"])])]
     if report["notes"]:
-        out += ["", "## Notes", "", *[f"- {n}" for n in report["notes"]]]
+        out += ["", "## Notes", "", *[f"- {md(n)}" for n in report["notes"]]]
     if report.get("skipped"):
-        out += ["", f"## Skipped bad files ({len(report['skipped'])})", "", *[f"- {n}" for n in report["skipped"]]]
+        out += ["", f"## Skipped bad files ({len(report['skipped'])})", "", *[f"- {md(n)}" for n in report["skipped"]]]
     out += ["", "## Artifacts", "", *[f"- {k}: `{v}`" for k, v in report["artifacts"].items()], ""]
     return "\n".join(out)
 

@@ -219,3 +219,25 @@ def test_report_html_renders_in_chromium(tiny, tmp_path):
     top = gray[:1000] < 30
     cols = np.flatnonzero(top.sum(axis=0) > 50)
     assert len(cols) >= 2 * 100 and cols.max() - cols.min() > 200
+
+
+def test_names_from_the_data_are_literal_in_the_markdown_report():
+    """A class folder named `a|b` or `<img ...>` neither splits a table nor injects markup into
+    report.md or the UI's Markdown artifact."""
+    import re
+
+    from pixelsim.tasks.report import render_markdown
+
+    classes = ["a|b", "<img src=x onerror=alert(1)>", "*x*"]
+    n = len(classes)
+    rep = {"dataset": "d", "source": {"url": "u", "sha256": "0" * 64}, "classes": classes,
+           "counts": {s: {c: 1 for c in classes} for s in ("train", "valid")}, "metric": "l1",
+           "metrics": {"l1": {"balanced": 1.0, "overall": 1.0, "per_class": {c: 1.0 for c in classes},
+                              "confusion": [[int(i == j) for j in range(n)] for i in range(n)]}},
+           "notes": ["file <b>x|y</b>.png beside the class folders ignored"], "artifacts": {}}
+    text = render_markdown(rep)
+    assert not re.search(r"(?<!\\)[<>]", text) and "\\<img src=x onerror=alert(1)\\>" in text
+    for line in text.splitlines():
+        if line.startswith("|"):   # every table row has its table's column count
+            cells = re.split(r"(?<!\\)\|", line)[1:-1]
+            assert len(cells) in (3, 4, n + 1), line
