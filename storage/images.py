@@ -14,6 +14,8 @@ source mode            channels=1                  channels=3
 L                      as is                       replicated to 3 channels
 1                      0 / 255                     replicated
 I;16, I;16B, I         round(v * 255 / 65535)      replicated
+16-bit RGB, RGBA, LA   each channel round(v * 255 / 65535), then as the 8-bit mode (libspng:
+                       Pillow would keep only the high byte)
 LA, La                 alpha dropped               alpha dropped, replicated
 P (palette)            via its RGB(A) palette, then as RGB / RGBA
 RGB                    Pillow convert("L") luma    as is
@@ -96,8 +98,24 @@ def _check_png(data: bytes, name: str) -> tuple[int, int, int, int, bool]:
         pos = end
 
 
+def _spng_decode16(data: bytes, w: int, h: int, ctype: int) -> np.ndarray | None:
+    """A 16-bit colour or gray+alpha PNG, each channel rounded to 8 bits (Pillow truncates
+    these to their high byte); None = use Pillow."""
+    try:   # pyspng's own load() offers no 16-bit output format; its C binding does
+        from pyspng import _pyspng_c as c
+        arr = c.spng_decode_image_bytes(data, c.SPNG_FMT_RGBA16)
+    except Exception:  # noqa: BLE001 - Pillow gives the authoritative error
+        return None
+    if arr.dtype != np.uint16 or arr.shape != (h, w, 4):
+        return None
+    keep = arr[:, :, :3] if ctype in (2, 6) else arr[:, :, 0]
+    return ((keep.astype(np.uint32) + 128) // 257).astype(np.uint8)   # = round(v * 255 / 65535)
+
+
 def _spng_decode(data: bytes, w: int, h: int, depth: int, ctype: int) -> np.ndarray | None:
     """libspng for the shapes it is verified identical to Pillow on; None = use Pillow."""
+    if _spng is not None and depth == 16 and ctype in (2, 4, 6):
+        return _spng_decode16(data, w, h, ctype)
     nc = _SPNG_CHANNELS.get(ctype)
     if _spng is None or depth != 8 or nc is None:
         return None

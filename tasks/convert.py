@@ -26,7 +26,7 @@ from pixelsim.storage.shards import Member, ShardMeta, build_shard, member_bytes
 from pixelsim.tasks import pool
 from pixelsim.tasks.contracts import Options, Part, ShardJob, ShardPlan, ShardSet, Tree
 
-VERSION = "5"
+VERSION = "6"   # 6: JPEG reduced-scale decode with --resize, 16-bit colour rounded
 SPLITS = ("train", "valid")
 MAX_LISTED = 20
 # Below this many files a process pool's start (about 0.3 s) costs more than its cores save.

@@ -91,6 +91,24 @@ def test_16bit_is_scaled_not_clipped():
     assert decode(save(im), "d.png", channels=3)[1, 1].tolist() == [128] * 3
 
 
+@pytest.mark.parametrize("ctype,channels", [(2, 3), (6, 4), (4, 2)], ids=["rgb16", "rgba16", "la16"])
+def test_16bit_colour_is_rounded_not_truncated(ctype, channels):
+    """Pillow keeps only the high byte of a 16-bit colour PNG; every channel is rounded instead."""
+    v = np.array([[129, 9129, 32896], [65535, 0, 12129]], dtype=np.uint16)    # 129 rounds to 1, truncates to 0
+    a = np.stack([v, v[::-1], v[:, ::-1], np.full_like(v, 65535)][:channels], axis=2)
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in a)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 3, 2, 16, ctype, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    rounded = ((a.astype(np.int64) + 128) // 257).astype(np.uint8)
+    want3 = rounded[:, :, :3] if ctype in (2, 6) else np.repeat(rounded[:, :, :1], 3, axis=2)
+    assert np.array_equal(decode(png, "x.png", channels=3), want3)
+    gray = decode(png, "x.png", channels=1)
+    if ctype == 4:
+        assert np.array_equal(gray, rounded[:, :, 0])
+    else:
+        assert np.array_equal(gray, np.asarray(Image.fromarray(want3).convert("L")))
+
+
 def test_mode_1_and_la():
     bits = np.array([[True, False], [False, True]])
     assert decode(save(Image.fromarray(bits)), "b.png").tolist() == [[255, 0], [0, 255]]
