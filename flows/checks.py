@@ -20,8 +20,12 @@ def check_request(request: Request) -> None:
         raise OptionError(f"--dataset {request.dataset}: not a named dataset; {hint}"
                           f"named ones: {', '.join(DATASETS)} (or pass --source)")
     source = request.source
-    if source and _local(source) and not os.path.exists(source.removeprefix("file://")):
-        raise OptionError(f"--source {source}: no such file or folder")
+    if source and _local(source):
+        path = source.removeprefix("file://")
+        if not os.path.exists(path):
+            raise OptionError(f"--source {source}: no such file or folder")
+        if not (os.path.isfile(path) or os.path.isdir(path)):
+            raise OptionError(f"--source {source}: not a regular file or folder (a FIFO, device or socket)")
     check_names(request)
 
 

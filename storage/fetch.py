@@ -13,6 +13,7 @@ import os
 import random
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,15 @@ progress_hook: Callable[[int, int | None], None] | None = None
 CHUNK = 2**20
 HEAD = 2**20  # fastai pins archives by the md5 of their first MiB
 MAX_REDIRECTS = 10
+# The most bytes a source without a pinned size may send: an endless body (or /dev/zero) must
+# not fill the disk. The archive caps (storage.archive.Caps) bound what it may unpack to.
+MAX_BYTES_ENV = "PIXELSIM_MAX_DOWNLOAD_BYTES"
+DEFAULT_MAX_BYTES = 20 * 2**30
+
+
+def max_bytes() -> int:
+    value = os.environ.get(MAX_BYTES_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_BYTES
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip", ".gz", ".bz2", ".xz")
@@ -137,6 +147,7 @@ class _Part:
                  progress: Callable[[int, int | None], None] | None = None):
         self.fh, self.url, self.pins, self.progress = fh, url, pins, progress
         self.total = pins.size
+        self.limit = max_bytes()
         self.reset()
 
     def reset(self) -> None:
@@ -148,6 +159,9 @@ class _Part:
 
     def write(self, chunk: bytes) -> None:
         size = self.pins.size
+        if size is None and self.n + len(chunk) > self.limit:
+            raise DownloadError(self.url, f"body larger than {self.limit} bytes, the ceiling for a source "
+                                          f"without a pinned size: pin it (--sha256), or raise ${MAX_BYTES_ENV}")
         if size is not None and self.n + len(chunk) > size:
             raise ChecksumError(self.url, f"body larger than pinned size: expected {size} bytes, got more")
         if self.n < HEAD:
@@ -219,6 +233,9 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
             if ctype == "text/html" and _expects_archive(chain, pins):
                 raise DownloadError(shown, "server returned an HTML page instead of the file "
                                            "(login wall, error page or moved dataset?)")
+            if pins.size is None and total is not None and total > part.limit:
+                raise DownloadError(shown, f"server announces {total} bytes, over the {part.limit}-byte ceiling "
+                                           f"for a source without a pinned size: pin it, or raise ${MAX_BYTES_ENV}")
             if pins.size is not None and total is not None and total != pins.size:
                 raise ChecksumError(shown, f"size mismatch: expected {pins.size} bytes, "
                                            f"server announces {total}")
@@ -232,6 +249,15 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
 
 def _fsspec_attempt(url: str, part: _Part, storage_options: dict) -> None:
     part.reset()  # generic filesystems give no portable resume
+    if "://" not in url or url.startswith("file://"):   # a FIFO would block for ever, a device never end
+        path = url.removeprefix("file://")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise DownloadError(redact(url), _cause(exc, url)) from exc
+        if not stat.S_ISREG(mode):
+            raise DownloadError(redact(url), "not a regular file (a FIFO, device or socket): give an archive file "
+                                             "or a folder")
     try:
         with fsspec.open(url, "rb", **storage_options) as src:
             part.total = getattr(src, "size", None) or part.total

@@ -490,3 +490,49 @@ def test_https_to_http_downgrade_fails_fast_inside_fetch(tmp_path: Path, sleeps:
     assert not isinstance(err.value, TransientDownloadError)
     assert "https://data.example/mnist.tgz?token=***" in str(err.value) and "t0k" not in str(err.value)
     assert seen == ["https://data.example/mnist.tgz?token=t0k"] and sleeps == [] and leftovers(tmp_path) == []
+
+
+def test_an_unpinned_endless_body_stops_at_the_ceiling(server: Server, tmp_path: Path, sleeps: list[float],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pinned size, no Content-Length, a body that never ends: stopped at the ceiling, not retried."""
+    monkeypatch.setenv("PIXELSIM_MAX_DOWNLOAD_BYTES", str(2**20))
+
+    def endless(h: Handler, i: int) -> None:
+        h.send_response(200)
+        h.end_headers()
+        try:
+            while not server.release.is_set():
+                h.wfile.write(DATA[:65536])
+        except OSError:
+            pass
+        h.close_connection = True
+
+    server.behaviour = endless
+    with pytest.raises(DownloadError, match=r"larger than 1048576 bytes.*PIXELSIM_MAX_DOWNLOAD_BYTES"):
+        run(server.url(), tmp_path / "d", sleeps)
+    assert len(server.requests) == 1 and leftovers(tmp_path) == []
+
+
+def test_an_announced_size_over_the_ceiling_is_refused_before_the_body(server: Server, tmp_path: Path,
+                                                                        sleeps: list[float],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIXELSIM_MAX_DOWNLOAD_BYTES", "1000")
+    server.behaviour = lambda h, i: h.reply(200, DATA)
+    with pytest.raises(DownloadError, match=f"announces {len(DATA)} bytes, over the 1000-byte ceiling"):
+        run(server.url(), tmp_path / "d", sleeps)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_local_source_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, sleeps: list[float],
+                                                                       kind: str) -> None:
+    """A FIFO would block the run for ever and /dev/zero would never end."""
+    if kind == "fifo":
+        source = tmp_path / "pipe"
+        os.mkfifo(source)
+    else:
+        source = Path("/dev/zero")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DownloadError, match="not a regular file"):
+        run(str(source), tmp_path / "out" / "d", sleeps)
+    assert leftovers(tmp_path / "out") == []

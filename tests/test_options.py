@@ -85,6 +85,7 @@ def test_version_is_the_installed_one(tmp_path):
 @pytest.mark.parametrize("args,line,code", [
     (["run", "--dataset", "mnist_smaple"], "--dataset mnist_smaple: not a named dataset; did you mean mnist_sample?", 2),
     (["run", "--source", "/nowhere/x.tgz"], "--source /nowhere/x.tgz: no such file or folder", 2),
+    (["run", "--source", "/dev/zero"], "--source /dev/zero: not a regular file or folder", 2),
     (["run", "--workers", "0"], "argument --workers: expected a whole number of at least 1, got '0'", 2),
     (["run", "--shard-sise", "3"], "unrecognized arguments: --shard-sise 3 (did you mean --shard-size?)", 2),
     (["rn"], "invalid choice: 'rn'", 2),
