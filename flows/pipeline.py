@@ -14,7 +14,7 @@ from typing import Any
 
 from pixelsim.flows.datasets import DATASETS
 from pixelsim.flows.runners import RETRIES, Runner
-from pixelsim.storage.errors import DownloadError, PixelsimError
+from pixelsim.storage.errors import DownloadError, MemberChanged, PixelsimError
 from pixelsim.storage.fetch import redact
 from pixelsim.storage.history import record_run
 from pixelsim.storage.layout import Layout, find_layout, layout_paths
@@ -74,7 +74,12 @@ def run_pipeline(request: Request, runner: Runner) -> RunResult:
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     archive, source = fetch_source(runner, request)
     tree = runner.step("untar", untar_archive, archive)
-    shards, layout = convert(runner, tree, request.dataset, o)
+    try:
+        shards, layout = convert(runner, tree, request.dataset, o)
+    except MemberChanged as e:   # the cached unpacking was damaged after it was published: redo it
+        runner.log.warning("%s: %s; unpacking the archive again", tree.dir, e)
+        tree = runner.step("untar", untar_archive, archive, refresh=True)
+        shards, layout = convert(runner, tree, request.dataset, o)
     templates = runner.step("templates", compute_templates, shards, o.device)
     evaluation = evaluate(runner, shards, templates, o.device)
     report = runner.step("report", write_report, source, shards, templates, evaluation, o.metric, layout.notes)

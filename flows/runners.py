@@ -75,7 +75,7 @@ class Runner:
     def step(self, name: str, fn: Callable[..., Outcome], *args: Any, retries: int = RETRIES, **kwargs: Any) -> Any:
         """`retries=0` when a failure has a fallback that should come at once."""
         start = time.perf_counter()
-        out = self._call(name, fn, args, {**kwargs, "refresh": self.refresh}, retries)
+        out = self._call(name, fn, args, {"refresh": self.refresh, **kwargs}, retries)
         self._note(name, [name], [out], start)
         return out.value
 

@@ -46,6 +46,11 @@ class IntegrityError(PixelsimError):
     """A stored artifact does not match its manifest."""
 
 
+class MemberChanged(IntegrityError):
+    """An unpacked archive's member no longer has the bytes it was unpacked with: the cached
+    unpacking is damaged (the pipeline unpacks the archive again), not the image."""
+
+
 class NotPublished(IntegrityError):
     """An output folder has no manifest: never built, or its build did not finish."""
 

@@ -34,7 +34,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile
 
-from pixelsim.storage.errors import ImageError
+from pixelsim.storage.errors import ImageError, MemberChanged
 
 try:  # optional accelerator; Pillow handles everything without it
     import pyspng as _spng
@@ -226,8 +226,8 @@ def decode_members(items: list[tuple[str, str, bytes]], *, channels: int = 1,
     images, kept, errors = [], [], []
     for i, (name, sha256, data) in enumerate(items):
         try:
-            if hashlib.sha256(data).hexdigest() != sha256:
-                raise ImageError(f"{name}: changed since extraction (does not match the manifest)")
+            if hashlib.sha256(data).hexdigest() != sha256:   # the cache is damaged, not the image
+                raise MemberChanged(f"{name}: its bytes in the unpacked archive changed since it was unpacked")
             images.append(decode(data, name, channels=channels, size=size, resize=resize, draft=draft))
             kept.append(i)
         except ImageError as e:

@@ -261,11 +261,11 @@ class Root:
                 raise
 
     # -- manifests -------------------------------------------------------------
-    def verify(self, rel: str, *, deep: bool = True) -> dict:
+    def verify(self, rel: str, *, deep: bool | tuple[str, ...] = True) -> dict:
         """Check a published folder against its manifest; return the manifest.
 
-        `deep` re-hashes every file; otherwise sizes are compared (for large trees whose
-        bytes are hashed again anyway when they are read).
+        `deep` re-hashes every file (or, as a tuple of names, those files); the others' sizes
+        are compared (for large files whose bytes are hashed again anyway when they are read).
         """
         try:
             manifest = self.read_json(posixpath.join(rel, MANIFEST))
@@ -274,13 +274,13 @@ class Root:
         except ValueError as e:
             raise IntegrityError(f"{self.uri(rel)}: unreadable manifest: {e}") from None
         listed: dict[str, int] | None = None
-        if not deep and not self.local:   # one listing, not a request per file
+        if deep is not True and not self.local:   # one listing, not a request per file
             top = self.path(rel) + "/"
             listed = {p[len(top):]: i["size"] for p, i in self.fs.find(top, detail=True).items() if p.startswith(top)}
         for entry in manifest["files"]:
             name = posixpath.join(rel, entry["name"])
             try:
-                if deep:
+                if deep is True or (deep and entry["name"] in deep):
                     digest, size = self.sha256(name)
                 elif listed is not None:
                     digest, size = entry["sha256"], listed.get(entry["name"])

@@ -149,7 +149,7 @@ class Output:
     root: str
     dir: str
     digest: str          # the manifest's digest: changes when any file in the folder does
-    DEEP: ClassVar[bool] = True   # verify by re-hashing every file (else sizes only)
+    DEEP: ClassVar[bool | tuple[str, ...]] = True   # verify by re-hashing every file (or these; else sizes)
 
     @property
     def key(self) -> str:
@@ -197,10 +197,11 @@ class Archive(Output):
 
 @dataclass(frozen=True)
 class Tree(Output):
-    """The unpacked members: one blob plus a Parquet index. Their bytes are re-hashed member by
-    member as convert reads them, so a cache check compares sizes only."""
+    """The unpacked members: one blob plus a Parquet index. The index is re-hashed on every
+    reuse (a flipped bit there could move an image to another class); the blob's members are
+    re-hashed one by one as convert reads them, so its check compares sizes only."""
 
-    DEEP: ClassVar[bool] = False
+    DEEP: ClassVar[bool | tuple[str, ...]] = ("members.parquet",)
     files: int = 0
     archive_sha256: str = ""
 

@@ -48,7 +48,7 @@ def build_report(source: dict, shards: ShardSet, templates: Templates, evaluatio
     }
 
 
-_MARKDOWN = re.compile(r"([\\`*_\[\]<>|~])")
+_MARKDOWN = re.compile(r"([\\`*\[\]<>|~])")   # not _: CommonMark never emphasises inside a word (mnist_tiny)
 
 
 def md(text: object) -> str:

@@ -30,8 +30,8 @@ def entries(root: str, tree, n: int = 60) -> list[Member]:
 def test_pool_builds_exactly_what_one_process_builds(tiny, monkeypatch):
     root, tree = tiny
     files = entries(root, tree)
-    for i in (7, 30):  # bytes that no longer match their digest
-        files[i] = files[i]._replace(sha256="0" * 64)
+    for i in (7, 30):  # PNG bytes under a JPEG name: unreadable images
+        files[i] = files[i]._replace(path=files[i].path[:-4] + ".jpg")
     meta = ShardMeta(shape=(28, 28), classes=["a", "b"], split="train", source_sha256="")
     blob = f"{tree.dir}/members.bin"
     here = build_shard(root, blob, files, "out/here.parquet", meta, skip_bad=True)
@@ -43,7 +43,7 @@ def test_pool_builds_exactly_what_one_process_builds(tiny, monkeypatch):
         pool.shutdown()
     assert here == spread and here["rows"] == 58 and here["counts"] == [29, 29]
     assert [e.split(":")[0] for e in here["errors"]] == [files[7].path, files[30].path]
-    assert all("changed since extraction" in e for e in here["errors"])
+    assert all("content is PNG but extension says JPEG" in e for e in here["errors"])
     assert refused == {"errors": here["errors"]} and not (Path(root) / "out/refused.parquet").exists()
     (batch,) = iter_arrays(Root(root), ["out/spread.parquet"], ("path", "label_index", "image"))
     assert batch["path"] == [f.path for i, f in enumerate(files) if i not in (7, 30)]
@@ -164,3 +164,15 @@ def test_skip_bad_never_leaves_a_class_without_training_images(tmp_path):
     with pytest.raises(BadImages) as e:
         pixelsim.run(source=str(tmp_path / "src"), dataset="onebad", root=str(tmp_path / "root"), skip_bad=10)
     assert "class b: no training image is left" in str(e.value) and "src/train/b/0.png" in str(e.value)
+
+
+def test_a_member_whose_bytes_changed_is_a_damaged_cache_never_a_skipped_image(tiny):
+    """--skip-bad must not silently drop an image because the cached unpacking was damaged."""
+    from pixelsim.storage.errors import MemberChanged
+
+    root, tree = tiny
+    files = entries(root, tree, 4)
+    files[1] = files[1]._replace(sha256="0" * 64)
+    meta = ShardMeta(shape=(28, 28), classes=["a", "b"], split="train", source_sha256="")
+    with pytest.raises(MemberChanged, match=f"{files[1].path}: its bytes in the unpacked archive changed"):
+        build_shard(root, f"{tree.dir}/members.bin", files, "out/x.parquet", meta, skip_bad=True)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import tarfile
@@ -297,7 +298,7 @@ def test_truncated_shard_is_detected_and_rebuilt(cli, site):
 
 
 def test_an_image_changed_after_extraction_is_not_decoded(tmp_path):
-    from pixelsim.storage.errors import ImageError
+    from pixelsim.storage.errors import IntegrityError
     from pixelsim.storage.shards import Member
     from pixelsim.tasks.convert import read_image, read_members, tree_entries
     from pixelsim.tasks.download import download_archive
@@ -315,8 +316,33 @@ def test_an_image_changed_after_extraction_is_not_decoded(tmp_path):
         f.seek(offset + size - 5)
         f.write(bytes(b ^ 0xFF for b in data[-5:]))
     (changed,) = read_members(tree, [entry])
-    with pytest.raises(ImageError, match=f"{re.escape(name)}: changed since extraction"):
+    with pytest.raises(IntegrityError, match=f"{re.escape(name)}: its bytes in the unpacked archive changed"):
         read_image(changed, entry, channels=1, size=None, resize=False)
+
+
+@pytest.mark.parametrize("target", ["members.bin", "members.parquet"])
+def test_a_damaged_unpacking_is_unpacked_again_and_the_figures_stay_right(tmp_path, target, caplog):
+    """One flipped bit in the cached members blob or its index: the next run notices (the index
+    by its hash, the blob member by member), unpacks the archive again and reports the same
+    figures as a clean run, never other counts and never a failure until --refresh."""
+    import pixelsim
+
+    (tmp_path / "a.tgz").write_bytes(tgz(tiny_members(12)))
+    root, clean_root = str(tmp_path / "root"), str(tmp_path / "clean")
+    first = pixelsim.run(source=str(tmp_path / "a.tgz"), dataset="flip", root=root)
+    path = Path(root) / first.outputs.tree.dir / target
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    for stale in Path(root).glob("shards/flip/*"):   # so convert reads the damaged members again
+        shutil.rmtree(stale)
+    with caplog.at_level("WARNING"):
+        again = pixelsim.run(source=str(tmp_path / "a.tgz"), dataset="flip", root=root)
+    clean = pixelsim.run(source=str(tmp_path / "a.tgz"), dataset="flip", root=clean_root)
+    assert again.report["metrics"] == clean.report["metrics"] == first.report["metrics"]
+    assert again.report["counts"] == clean.report["counts"]
+    assert path.read_bytes() != bytes(data)                     # healed
+    assert ("unpacking the archive again" if target == "members.bin" else "no longer valid") in caplog.text
 
 
 # --- crashes and concurrency ---------------------------------------------------------------
