@@ -559,6 +559,10 @@ class Packed:
 INDEX_SCHEMA = pa.schema([("path", pa.string()), ("offset", pa.int64()), ("size", pa.int64()),
                           ("sha256", pa.string())])
 INDEX_BATCH = 65_536   # index rows held in memory before they are written out as a row group
+# Only members that can be images (storage.images.IMAGE_SUFFIXES) are stored in the blob; the
+# others are indexed (path, size, sha256, offset -1) but their bytes, which no step reads, are
+# not kept: a small archive of huge non-image members cannot fill the disk.
+STORED_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _key(path: str) -> int:
@@ -613,18 +617,20 @@ class _Packer(_Writer):
         self.utf8(name, path)
         self.mkdir(name, posixpath.dirname(path))
         digest, size = hashlib.sha256(), 0
+        store = path.lower().endswith(STORED_SUFFIXES)
         while chunk := read(_CHUNK):
             size += len(chunk)
             self.check(name, size, len(chunk))
             self.total += len(chunk)
             digest.update(chunk)
-            self.blob_hash.update(chunk)
-            self.out.write(chunk)
+            if store:
+                self.blob_hash.update(chunk)
+                self.out.write(chunk)
         self.file_keys.append(_key(path))
-        for column, value in zip(self.batch, (path, self.offset, size, digest.hexdigest())):
+        for column, value in zip(self.batch, (path, self.offset if store else -1, size, digest.hexdigest())):
             column.append(value)
         self.files += 1
-        self.offset += size
+        self.offset += size if store else 0
         if len(self.batch[0]) >= INDEX_BATCH:
             self.flush()
 

@@ -226,6 +226,8 @@ def decode_members(items: list[tuple[str, str, bytes]], *, channels: int = 1,
     images, kept, errors = [], [], []
     for i, (name, sha256, data) in enumerate(items):
         try:
+            if not name.lower().endswith(tuple(IMAGE_SUFFIXES)):   # its bytes were never stored
+                decode(data, name)   # raises the ImageError naming the extension
             if hashlib.sha256(data).hexdigest() != sha256:   # the cache is damaged, not the image
                 raise MemberChanged(f"{name}: its bytes in the unpacked archive changed since it was unpacked")
             images.append(decode(data, name, channels=channels, size=size, resize=resize, draft=draft))

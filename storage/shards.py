@@ -64,8 +64,11 @@ def write_shard(path: str, meta: ShardMeta, paths: list[str], labels: np.ndarray
 
 
 def member_bytes(root: Root, blob: str, files: list[Member]) -> list[bytes]:
-    """The bytes of these members in the members `blob`."""
-    return root.read_ranges(blob, [(f.offset, f.size) for f in files])
+    """The bytes of these members in the members `blob` (b"" for one that was indexed but not
+    stored: not an image by its name, see storage.archive)."""
+    stored = [f for f in files if f.offset >= 0]
+    got = iter(root.read_ranges(blob, [(f.offset, f.size) for f in stored]) if stored else [])
+    return [next(got) if f.offset >= 0 else b"" for f in files]
 
 
 def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: ShardMeta, *,

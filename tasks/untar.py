@@ -10,7 +10,7 @@ from pixelsim.storage.cache import Outcome, reuse_or_build
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Archive, Tree
 
-VERSION = "4"
+VERSION = "5"   # 5: only members named as images are stored in the blob
 
 
 def tree_dir(archive_sha256: str, caps: Caps = Caps()) -> str:

@@ -484,10 +484,11 @@ def _packed_members(archive: Path, folder: Path) -> list[Member]:
     packed = pack(archive, folder)
     blob = (folder / PACK_BLOB).read_bytes()
     rows = read_index((folder / INDEX).read_bytes()).to_pylist()
-    got = [Member(r["path"], r["size"], hashlib.sha256(blob[r["offset"]:r["offset"] + r["size"]]).hexdigest())
-           for r in rows]
-    assert [m.sha256 for m in got] == [r["sha256"] for r in rows]
-    assert packed.files == len(rows) and packed.bytes == len(blob)
+    stored = [r for r in rows if r["offset"] >= 0]
+    assert all(r["path"].lower().endswith((".png", ".jpg", ".jpeg")) == (r["offset"] >= 0) for r in rows)
+    assert all(hashlib.sha256(blob[r["offset"]:r["offset"] + r["size"]]).hexdigest() == r["sha256"] for r in stored)
+    got = [Member(r["path"], r["size"], r["sha256"]) for r in rows]   # non-images: indexed, not stored
+    assert packed.files == len(rows) and packed.bytes == len(blob) == sum(r["size"] for r in stored)
     return sorted(got, key=lambda m: m.path)
 
 

@@ -254,3 +254,8 @@ def test_jpeg_draft_still_refuses_a_truncated_file():
     data = photo(480, 640)
     with pytest.raises(ImageError, match="a.jpg: cannot decode JPEG"):
         decode(data[: len(data) // 2], "a.jpg", size=(28, 28), resize=True, draft=True)
+
+
+def test_the_stored_suffixes_are_the_decodable_ones():
+    from pixelsim.storage.archive import STORED_SUFFIXES
+    assert set(STORED_SUFFIXES) == set(images.IMAGE_SUFFIXES)

@@ -564,3 +564,20 @@ def test_local_dask_cluster_binds_loopback_only():
 
     runner = task_runner("dask", workers=1)
     assert runner.cluster_kwargs["host"] == "127.0.0.1" and runner.cluster_kwargs["dashboard_address"] is None
+
+
+def test_members_no_step_can_use_are_not_stored(tmp_path):
+    """A small archive of a huge non-image member (40 MB of zeros, 40 kB compressed) costs no
+    disk: non-images are indexed, not stored; one inside a class folder is still named."""
+    import pixelsim
+    from pixelsim.tasks.convert import BadImages
+
+    members = {**tiny_members(4), "mnist_tiny/blob.bin": bytes(40 * 2**20)}
+    (tmp_path / "a.tgz").write_bytes(tgz(members))
+    root = str(tmp_path / "root")
+    out = pixelsim.run(source=str(tmp_path / "a.tgz"), dataset="big", root=root)
+    blob = Path(root) / out.outputs.tree.dir / "members.bin"
+    assert blob.stat().st_size == sum(len(v) for k, v in members.items() if k.endswith(".png"))
+    (tmp_path / "b.tgz").write_bytes(tgz({**tiny_members(4), "mnist_tiny/train/3/notes.txt": b"hello"}))
+    with pytest.raises(BadImages, match=r"mnist_tiny/train/3/notes.txt: unknown image extension"):
+        pixelsim.run(source=str(tmp_path / "b.tgz"), dataset="notes", root=root)
