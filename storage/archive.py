@@ -62,6 +62,8 @@ class Caps:
     max_members: int = 2_000_000  # every entry counts: files, dirs and skipped junk
     max_total_bytes: int = 20 * 2**30  # sum of uncompressed member sizes
     max_member_bytes: int = 2**30
+    max_depth: int = 32            # folders in one member's path: layout work and the manifest grow with it
+    max_path_bytes: int = 1024     # one member's path, UTF-8
 
 
 @dataclass(frozen=True)
@@ -395,6 +397,10 @@ class _Writer:
         if kind == "file":
             self.check(name, size, size)
         parts = path.split("/")
+        if len(parts) > self.caps.max_depth:
+            raise self.refuse(name, f"path is {len(parts)} levels deep, over the cap of {self.caps.max_depth}")
+        if len(path.encode("utf-8", "surrogateescape")) > self.caps.max_path_bytes:
+            raise self.refuse(name, f"path is longer than {self.caps.max_path_bytes} bytes")
         if any(p == "__MACOSX" or p.startswith("._") for p in parts) or parts[-1] == ".DS_Store":
             self.total += size if kind == "file" else 0  # its bytes are still decompressed
             return None

@@ -768,3 +768,12 @@ def test_pack_refuses_a_name_that_is_not_utf8(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with pytest.raises(ArchiveError, match=r"latin1\.tar: member .*name is not valid UTF-8"):
         pack(str(archive), tmp_path / "out")
+
+
+def test_a_very_deep_or_long_member_path_is_refused_at_once(tmp_path: Path, sentinel: Path) -> None:
+    """One member 200 folders deep once made a run take minutes (every ancestor folder in the
+    manifest, layout work growing with the depth)."""
+    deep = "/".join(["d"] * 200) + "/x.png"
+    assert_refused(tmp_path, write_tar(tmp_path / "deep.tgz", [tinfo(deep, b"x")]), "levels deep, over the cap of 32")
+    long = "ds/" + "n" * 1100 + ".png"
+    assert_refused(tmp_path, write_tar(tmp_path / "long.tgz", [tinfo(long, b"x")]), "longer than 1024 bytes")
