@@ -75,6 +75,8 @@ environment:
   PIXELSIM_URL_<DATASET>  a mirror of a named dataset's official URL
   PIXELSIM_DECODE_WORKERS size of convert's process pool (0: decode in place)
   PIXELSIM_LOCK_DIR       where step locks live for an object-store root
+  PIXELSIM_SERVER         auto (default: pixelsim's background Prefect server) or temporary
+  PIXELSIM_MAX_DOWNLOAD_BYTES  ceiling for a source without a pinned size (default 20 GiB)
   PREFECT_API_URL         a Prefect server to report to (else pixelsim's own, else a temporary one)
 """
 
