@@ -182,6 +182,11 @@ def _expects_archive(urls: Sequence[str], pins: Pins) -> bool:
     return pins != Pins() or any(urlsplit(u).path.lower().endswith(ARCHIVE_SUFFIXES) for u in urls)
 
 
+def _looks_like_html(head: bytes) -> bool:
+    """A web page rather than an archive: no archive starts with '<' once whitespace is skipped."""
+    return head.lstrip(b" \t\r\n\xef\xbb\xbf")[:1] == b"<"
+
+
 def _origin(url: str) -> tuple[str, str | None, int | None]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.hostname, parts.port
@@ -230,9 +235,7 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
                     part.reset()
                 total = length_n
             ctype = r.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype == "text/html" and _expects_archive(chain, pins):
-                raise DownloadError(shown, "server returned an HTML page instead of the file "
-                                           "(login wall, error page or moved dataset?)")
+            html = ctype == "text/html" and _expects_archive(chain, pins)   # the bytes decide: see below
             if pins.size is None and total is not None and total > part.limit:
                 raise DownloadError(shown, f"server announces {total} bytes, over the {part.limit}-byte ceiling "
                                            f"for a source without a pinned size: pin it, or raise ${MAX_BYTES_ENV}")
@@ -241,6 +244,11 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
                                            f"server announces {total}")
             part.total = total if total is not None else part.total
             for chunk in r.iter_raw():  # unchunked: a chunker would drop buffered bytes on error
+                if html:   # labelled HTML: refused only if the bytes are a page, not an archive mislabelled
+                    html = False
+                    if part.n == 0 and _looks_like_html(chunk):
+                        raise DownloadError(shown, "server returned an HTML page instead of the file "
+                                                   "(login wall, error page or moved dataset?)")
                 part.write(chunk)
             if total is not None and part.n < total:
                 raise _Retry(shown, f"body cut short: got {part.n} of {total} bytes")

@@ -271,6 +271,14 @@ def test_html_page_for_archive_is_permanent(server: Server, tmp_path: Path, slee
     assert len(server.requests) == 1 and leftovers(tmp_path) == []
 
 
+def test_an_archive_served_as_text_html_is_judged_by_its_bytes(server: Server, tmp_path: Path,
+                                                                sleeps: list[float]) -> None:
+    """A misconfigured server labels a .tgz text/html: its bytes are an archive, so it is kept."""
+    server.behaviour = lambda h, i: h.reply(200, DATA, {"Content-Type": "text/html"})
+    got = run(server.url("/mnist.tgz"), tmp_path / "d", sleeps, pins=PINS)
+    assert got.sha256 == SHA and (tmp_path / "d").read_bytes() == DATA
+
+
 def test_html_is_fine_when_no_archive_expected(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
     server.behaviour = lambda h, i: h.reply(200, b"<html></html>", {"Content-Type": "text/html"})
     assert run(server.url("/index.html"), tmp_path / "d", sleeps).size == 13
