@@ -43,7 +43,7 @@ def cached_archive(request: Request) -> str | None:
         pins = {"sha256": request.sha256} if request.sha256 else {}
         if not pins and not _local(request.source):
             return None   # an unpinned URL may hold other bytes now: only its download can tell
-        found = [(request.source, pins, {} if pins else fingerprint(request.source))]
+        found = [(request.source, pins, {} if pins else fingerprint(request.source, skip=Root(request.root).skip()))]
     else:
         ds = DATASETS[request.dataset]
         found = [(ds.source_url(), ds.pins, None)] + ([(ds.bundled_path(), ds.bundled_pins, None)] if ds.bundled else [])

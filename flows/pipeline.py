@@ -18,6 +18,7 @@ from pixelsim.storage.errors import DownloadError, MemberChanged, PixelsimError
 from pixelsim.storage.fetch import redact
 from pixelsim.storage.history import record_run
 from pixelsim.storage.layout import Layout, find_layout, layout_paths
+from pixelsim.storage.root import Root
 from pixelsim.storage.sources import fingerprint
 from pixelsim.tasks.contracts import Archive, Evaluation, Options, Report, Request, ShardSet, Templates, Tree
 from pixelsim.tasks.convert import convert_shard, finish_shards, plan_shards, tree_index
@@ -140,7 +141,7 @@ def fetch_source(run: Runner, request: Request) -> tuple[Archive, dict]:
         fp = {}
         if not pins:
             try:
-                fp = fingerprint(request.source)
+                fp = fingerprint(request.source, skip=Root(root).skip())
             except DownloadError as e:
                 run.log.warning("could not fingerprint %s (%s); downloading anyway", e.url, e.reason)
         archive = run.step("download", download_archive, request.source, root, pins, 4, fp)

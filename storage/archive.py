@@ -24,6 +24,7 @@ import zipfile
 import zlib
 from array import array
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import IO, Any, Callable
 
 import numpy as np
@@ -689,7 +690,20 @@ def read_index(data: bytes) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(data)).read()  # read_table would import pyarrow.dataset: 1 s
 
 
-def pack_folder(folder: str | os.PathLike, dest: str | os.PathLike) -> None:
+def folder_files(folder: str, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, str, os.stat_result]]:
+    """(path relative to `folder`, full path, lstat) of every entry to take from a folder
+    source, in a fixed order; folders in `skip` (real paths: the storage root when it lies
+    inside the source) are left out, so a root never packs or fingerprints itself."""
+    skipped = {os.path.realpath(p) for p in skip}
+    for here, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(here, d)) not in skipped
+                         or os.path.islink(os.path.join(here, d)))
+        for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(here, d))]:
+            full = os.path.join(here, name)
+            yield os.path.relpath(full, folder).replace(os.sep, "/"), full, os.lstat(full)
+
+
+def pack_folder(folder: str | os.PathLike, dest: str | os.PathLike, skip: tuple[str, ...] = ()) -> None:
     """Tar an already-extracted folder deterministically, so it flows through the same
     verified, content-addressed path as a downloaded archive (and edits to the folder
     after the run cannot change what was converted).
@@ -699,15 +713,10 @@ def pack_folder(folder: str | os.PathLike, dest: str | os.PathLike) -> None:
     folder = os.fspath(folder)
     top = os.path.basename(os.path.normpath(folder)) or "data"
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
-        for here, dirs, files in os.walk(folder):
-            dirs.sort()
-            for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(here, d))]:
-                full = os.path.join(here, name)
-                rel = os.path.relpath(full, folder).replace(os.sep, "/")
-                st = os.lstat(full)
-                if not stat.S_ISREG(st.st_mode):
-                    raise ArchiveError(f"{full}: not a regular file (symlinks and special files are refused)")
-                info = tarfile.TarInfo(f"{top}/{rel}")
-                info.size, info.mode, info.mtime = st.st_size, 0o644, 0
-                with open(full, "rb") as f:
-                    tf.addfile(info, f)
+        for rel, full, st in folder_files(folder, skip):
+            if not stat.S_ISREG(st.st_mode):
+                raise ArchiveError(f"{full}: not a regular file (symlinks and special files are refused)")
+            info = tarfile.TarInfo(f"{top}/{rel}")
+            info.size, info.mode, info.mtime = st.st_size, 0o644, 0
+            with open(full, "rb") as f:
+                tf.addfile(info, f)

@@ -61,6 +61,11 @@ class Root:
             os.makedirs(self.base, exist_ok=True)
 
     # -- paths -----------------------------------------------------------------
+    def skip(self) -> tuple[str, ...]:
+        """What a folder source must leave out: this root, when it is a local folder (it may lie
+        inside the source, e.g. `--source .` with the default root)."""
+        return (self.base,) if self.local else ()
+
     def path(self, rel: str) -> str:
         return posixpath.join(self.base, rel) if rel else self.base
 

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import os
 
-import httpx
 import fsspec
+import httpx
 
+from pixelsim.storage.archive import folder_files
 from pixelsim.storage.errors import DownloadError
 from pixelsim.storage.fetch import _cause, redact  # _cause masks secrets a library echoes
 from pixelsim.storage.root import digest_json
 
 
-def fingerprint(url: str, timeout: float = 5.0) -> dict:
+def fingerprint(url: str, timeout: float = 5.0, skip: tuple[str, ...] = ()) -> dict:
     """Size and version markers of the file behind `url`, so a changed file is a cache miss.
 
     Raises DownloadError when the source cannot be reached at all.
@@ -28,9 +29,7 @@ def fingerprint(url: str, timeout: float = 5.0) -> dict:
         return {k: h.get(k) for k in ("etag", "last-modified", "content-length") if h.get(k)}
     if os.path.isdir(url):
         # a folder changes when any file below it does: list them all (stat only)
-        listing = sorted((os.path.relpath(os.path.join(d, f), url), st.st_size, st.st_mtime_ns)
-                         for d, _, files in os.walk(url) for f in files
-                         for st in [os.lstat(os.path.join(d, f))])
+        listing = [(rel, st.st_size, st.st_mtime_ns) for rel, _, st in folder_files(url, skip)]
         return {"folder": digest_json(listing), "files": len(listing)}
     try:
         fs, path = fsspec.core.url_to_fs(url)

@@ -71,7 +71,7 @@ def download_archive(url: str, root: str, pins: dict | None = None, attempts: in
         with r.publish_dir(rel) as st:
             if os.path.isdir(url):
                 name = f"{name}.tar"
-                got = _pack(url, st.file(name), Pins(**(pins or {})))
+                got = _pack(url, st.file(name), Pins(**(pins or {})), skip=r.skip())
             else:
                 got = fetch(url, st.file(name), pins=Pins(**(pins or {})), attempts=attempts)
             st.add(name, sha256=got.sha256, size=got.size)
@@ -83,9 +83,9 @@ def download_archive(url: str, root: str, pins: dict | None = None, attempts: in
     return reuse_or_build(r, rel, lambda: Archive.load(root, rel), build, refresh=refresh)
 
 
-def _pack(folder: str, dest: str, pins: Pins) -> Fetched:
+def _pack(folder: str, dest: str, pins: Pins, skip: tuple[str, ...] = ()) -> Fetched:
     """An extracted local folder becomes a deterministic tar, then is checked like a download."""
-    pack_folder(folder, dest + ".packed")
+    pack_folder(folder, dest + ".packed", skip)
     try:
         return fetch(dest + ".packed", dest, pins=pins, attempts=1)
     finally:

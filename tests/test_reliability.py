@@ -581,3 +581,23 @@ def test_members_no_step_can_use_are_not_stored(tmp_path):
     (tmp_path / "b.tgz").write_bytes(tgz({**tiny_members(4), "mnist_tiny/train/3/notes.txt": b"hello"}))
     with pytest.raises(BadImages, match=r"mnist_tiny/train/3/notes.txt: unknown image extension"):
         pixelsim.run(source=str(tmp_path / "b.tgz"), dataset="notes", root=root)
+
+
+def test_a_folder_source_holding_its_own_storage_root_leaves_the_root_out(tmp_path):
+    """`--source .` with the default root inside it: the root is neither packed nor
+    fingerprinted, so reruns are cache hits and the root does not grow with every run."""
+    import pixelsim
+
+    folder = tmp_path / "photos"
+    with tarfile.open(TINY) as tf:
+        tf.extractall(folder, filter="data")
+    root = folder / "pixelsim-data"
+    first = pixelsim.run(source=str(folder), dataset="self", root=str(root))
+    archive = Path(root) / first.outputs.archive.file
+    again = pixelsim.run(source=str(folder), dataset="self", root=str(root))
+    assert all(again.cached.values()), again.cached
+    assert again.outputs.archive.file == first.outputs.archive.file
+    with tarfile.open(archive) as tf:
+        assert not [n for n in tf.getnames() if "pixelsim-data" in n]
+    clean = pixelsim.run(source=str(TINY), root=str(tmp_path / "clean"))
+    assert first.report["counts"] == clean.report["counts"] and first.report["metrics"] == clean.report["metrics"]
