@@ -40,6 +40,13 @@ MAX_BYTES_ENV = "PIXELSIM_MAX_DOWNLOAD_BYTES"
 DEFAULT_MAX_BYTES = 20 * 2**30
 
 
+# A body that trickles (a byte every 20 s never trips a 30 s read timeout) is given up on once
+# an attempt has run MIN_RATE_GRACE_S at under MIN_RATE bytes/s on average; that is a transient
+# failure, retried like a timeout.
+MIN_RATE = 1024
+MIN_RATE_GRACE_S = 60.0
+
+
 def max_bytes() -> int:
     value = os.environ.get(MAX_BYTES_ENV, "")
     return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_BYTES
@@ -149,16 +156,25 @@ class _Part:
         self.total = pins.size
         self.limit = max_bytes()
         self.reset()
+        self.begin()
+
+    def begin(self) -> None:
+        """Start the clock of one attempt (a resumed attempt counts only its own bytes)."""
+        self.began, self.began_at = time.monotonic(), self.n
 
     def reset(self) -> None:
         self.fh.seek(0)
         self.fh.truncate()
-        self.n = 0
+        self.n = self.began_at = 0
         self.sha = hashlib.sha256()
         self.md5 = hashlib.md5(usedforsecurity=False)
 
     def write(self, chunk: bytes) -> None:
         size = self.pins.size
+        elapsed = time.monotonic() - self.began
+        if elapsed > MIN_RATE_GRACE_S and (self.n - self.began_at) / elapsed < MIN_RATE:
+            raise _Retry(self.url, f"body arrives at under {MIN_RATE} bytes/s ({self.n - self.began_at} bytes in "
+                                   f"{elapsed:.0f} s)")
         if size is None and self.n + len(chunk) > self.limit:
             raise DownloadError(self.url, f"body larger than {self.limit} bytes, the ceiling for a source "
                                           f"without a pinned size: pin it (--sha256), or raise ${MAX_BYTES_ENV}")
@@ -280,6 +296,7 @@ def _fsspec_attempt(url: str, part: _Part, storage_options: dict) -> None:
 def _attempt(client: httpx.Client | None, url: str, part: _Part, pins: Pins, cap: float,
              opts: dict) -> None:
     """One try; maps library errors onto transient vs permanent."""
+    part.begin()
     if client is None:
         return _fsspec_attempt(url, part, opts)
     try:

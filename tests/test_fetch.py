@@ -544,3 +544,32 @@ def test_a_local_source_that_is_not_a_regular_file_is_refused_at_once(tmp_path: 
     with pytest.raises(DownloadError, match="not a regular file"):
         run(str(source), tmp_path / "out" / "d", sleeps)
     assert leftovers(tmp_path / "out") == []
+
+
+def test_a_trickling_body_is_given_up_on_not_waited_for(server: Server, tmp_path: Path, sleeps: list[float],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A byte at a time, each within the read timeout: below the minimum rate past the grace
+    period, an attempt is a transient failure; the last one names the rate."""
+    import time
+
+    import pixelsim.storage.fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "MIN_RATE_GRACE_S", 0.3)
+
+    def trickle(h: Handler, i: int) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(DATA)))
+        h.end_headers()
+        try:
+            for b in DATA[:40]:
+                h.wfile.write(bytes([b]))
+                h.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+        h.close_connection = True
+
+    server.behaviour = trickle
+    with pytest.raises(TransientDownloadError, match=r"gave up after 2 attempt.*under 1024 bytes/s"):
+        run(server.url("/slow.tgz"), tmp_path / "d", sleeps, attempts=2)
+    assert len(server.requests) == 2 and leftovers(tmp_path) == []
