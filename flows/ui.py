@@ -86,10 +86,12 @@ def place(uri: str) -> str:
     return f"[{uri}]({uri})" if uri.startswith(("http://", "https://")) else f"`{uri}`"
 
 
-def history_table(request: Request, limit: int = 10) -> list[dict]:
-    """The last runs of this dataset and headline metric in this root, newest first, each with the
-    change in balanced accuracy since the run before it."""
-    rows = recent_rows(Root(request.root), request.dataset, request.options.metric, limit + 1)
+HISTORY_RUNS = 10   # runs in the history table
+
+
+def history_table(rows: list[dict], limit: int = HISTORY_RUNS) -> list[dict]:
+    """The last runs of `rows` (a dataset's history rows of one metric, oldest first), newest
+    first, each with the change in balanced accuracy since the run before it."""
     out = []
     for prev, row in zip([None, *rows], rows):
         change = None if prev is None else round(row["balanced"] - prev["balanced"], 4)
@@ -99,13 +101,13 @@ def history_table(request: Request, limit: int = 10) -> list[dict]:
     return out[1:][::-1] if len(rows) > limit else out[::-1]
 
 
-def changes_since_last_run(request: Request, run_id: str) -> str | None:
-    """Markdown: this run against the dataset's run before it in this root (its headline metric),
-    as `pixelsim diff` shows it; None for a first run."""
+def changes_since_last_run(request: Request, run_id: str, rows: list[dict]) -> str | None:
+    """Markdown: this run against the dataset's run before it in `rows` (its history rows of
+    the headline metric, oldest first), as `pixelsim diff` shows it; None for a first run."""
     from pixelsim.flows.compare import compare, render
     from pixelsim.flows.show import entries
 
-    runs = entries(recent_rows(Root(request.root), request.dataset, request.options.metric, 2))
+    runs = entries(rows[-2:])
     if len(runs) < 2 or runs[-1]["run_id"] != run_id:
         return None
     older, newer = runs
@@ -134,10 +136,11 @@ def publish_artifacts(request: Request, result: RunResult) -> None:
             for c in report["classes"]]
     create_table_artifact(key=artifact_key(prefix, "accuracy"), table=rows,
                           description=f"per-class accuracy for {dataset}")
-    create_table_artifact(key=artifact_key(prefix, "history"), table=history_table(request),
+    recent = recent_rows(Root(request.root), dataset, request.options.metric, HISTORY_RUNS + 1)   # read once
+    create_table_artifact(key=artifact_key(prefix, "history"), table=history_table(recent),
                           description=f"the last runs of {dataset} ({report['metric']}) in this root, newest first, "
                                       "with the change in balanced accuracy since the run before")
-    if changes := changes_since_last_run(request, result.run_id):
+    if changes := changes_since_last_run(request, result.run_id, recent):
         create_markdown_artifact(key=artifact_key(prefix, "changes"), markdown=changes,
                                  description=f"what changed since the run of {dataset} before this one")
     folder = places["report"]

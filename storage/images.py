@@ -44,8 +44,8 @@ except Exception:  # noqa: BLE001 - a broken build must not break decoding
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 MAX_PIXELS = 64 * 1024 * 1024
 # A reduced-scale JPEG decode stops at twice the target size or more, so the final bilinear
-# resize still averages over its footprint: measured here on mixed-size colour JPEGs to 28x28,
-# 2.3x faster than a full decode, 2.3 levels (of 255) from it on average (1x: 2.6x, 4.0 levels)
+# resize still averages over its footprint (stopping at the target size itself was faster but
+# about twice as far from the full decode); speed and difference: `python -m bench.run`, section J
 DRAFT_MARGIN = 2
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"

@@ -54,14 +54,13 @@ def read_members(tree: Tree, files: list[Member]) -> list[bytes]:
     return member_bytes(Root(tree.root), posixpath.join(tree.dir, BLOB), files)
 
 
-def common_size(tree: Tree, files: list[Member], sample: int = SIZE_SAMPLE) -> tuple[int, int]:
-    """The most common image size among evenly spread training files, so that one odd file,
-    even the first, is the one reported as mis-sized."""
-    picked = files[::max(1, len(files) // sample)][:sample]
+def common_size(tree: Tree, picked: list[Member]) -> tuple[int, int]:
+    """The most common image size among these (evenly spread) training files, so that one odd
+    file, even the first, is the one reported as mis-sized."""
     sizes = Counter(peek_size(data) for data in read_members(tree, picked))
     sizes.pop(None, None)
     if not sizes:
-        first = files[0]
+        first = picked[0]
         return read_image(read_members(tree, [first])[0], first, channels=1, size=None, resize=False).shape[:2]
     return max(sizes.items(), key=lambda kv: kv[1])[0]
 
@@ -125,9 +124,6 @@ def pack_rows(rows: pa.Table) -> str:
     return json.dumps(list(zip(*(rows.column(c).to_pylist() for c in Member._fields))), separators=(",", ":"))
 
 
-def pack_members(members: list[Member]) -> str:
-    """A shard's members as one JSON string (see ShardJob)."""
-    return json.dumps([list(m) for m in members], separators=(",", ":"))
 
 
 def convert_shard(job: ShardJob, refresh: bool = False) -> Outcome[Part]:

@@ -81,12 +81,15 @@ def test_a_dead_worker_is_a_transient_error_and_the_next_try_gets_a_new_pool(tin
     import os
 
     from pixelsim.storage.errors import TransientError
+    import pyarrow as pa
+
     from pixelsim.tasks.contracts import ShardJob
-    from pixelsim.tasks.convert import convert_shard, pack_members
+    from pixelsim.tasks.convert import convert_shard, pack_rows
     root, tree = tiny
     files = entries(root, tree, 20)
     job = ShardJob(root=root, dir="s", name="convert-train-00000", split="train", folder="train",
-                   file="s/train-0.parquet", members=pack_members(files), blob=f"{tree.dir}/members.bin",
+                   file="s/train-0.parquet", members=pack_rows(pa.Table.from_pylist([m._asdict() for m in files])),
+                   blob=f"{tree.dir}/members.bin",
                    shape=(28, 28), classes=("a", "b"), archive_sha256=tree.archive_sha256, parallel=True)
     monkeypatch.setenv(pool.ENV, "2")
     try:
