@@ -107,6 +107,10 @@ def convert(runner: Runner, tree: Tree, dataset: str, o: Options) -> tuple[Shard
                          valid_split=o.valid_split, classes=list(o.classes) if o.classes else None)
     plan = plan_shards(tree, layout, dataset, o, index)
     shards = finish_shards(plan, runner.map("convert", convert_shard, plan.jobs), dataset, tree.root, o.skip_bad)
+    if shards.reused and not runner.cached.get("convert"):
+        runner.log.info("reused %d shard(s), %d of %d images, from %s (same images by path and sha256); decoded "
+                        "the other %d", shards.reused["shards"], shards.reused["images"], shards.images(),
+                        shards.reused["from"], shards.images() - shards.reused["images"])
     if shards.skipped:
         runner.log.warning("skipped %d bad image file(s) (--skip-bad %d):\n  %s", len(shards.skipped), o.skip_bad,
                            "\n  ".join(shards.skipped))

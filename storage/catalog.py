@@ -6,7 +6,7 @@ manifest verifies is the cached result. Outputs that analysts glob are scoped by
 
     archives/<key>/<name>                          download (key: source, fingerprint, pins)
     extracted/<key>/members.bin, members.parquet   untar (key: the archive's sha256, caps)
-    shards/<dataset>/<key>/<split>-NNNNN-of-NNNNN.parquet
+    shards/<dataset>/<key>/<split>-NNNNN-of-NNNNN.parquet, _plan/members.parquet
     templates/<dataset>/<key>/templates.parquet, <class>.png
     evaluations/<dataset>/<key>/predictions-*.parquet, _metrics.json
     reports/<dataset>/<key>/report.json, report.md, report.html, confusion-<metric>.csv
@@ -19,7 +19,7 @@ import posixpath
 import re
 from typing import Any
 
-from pixelsim.storage.root import digest_json
+from pixelsim.storage.root import MANIFEST, digest_json
 
 HISTORY = "history"
 RUNS = "runs"
@@ -62,6 +62,11 @@ def evaluation_dir(dataset: str, key: str) -> str:
 
 def report_dir(dataset: str, key: str) -> str:
     return f"reports/{checked_dataset(dataset)}/{key}"
+
+
+def shard_manifests(dataset: str) -> str:
+    """A glob of the manifests of every shard set of a dataset."""
+    return f"shards/{checked_dataset(dataset)}/*/{MANIFEST}"
 
 
 def shard_file(folder: str, split: str, index: int, count: int) -> str:

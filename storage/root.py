@@ -222,6 +222,39 @@ class Root:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
+    def glob(self, pattern: str) -> list[str]:
+        """Root-relative paths matching a glob pattern (relative to the root), sorted."""
+        top = self.base + "/"
+        return sorted(p[len(top):] for p in self.fs.glob(self.path(pattern)) if p.startswith(top))
+
+    def modified(self, rel: str) -> float:
+        """When `rel` was last written (seconds since the epoch)."""
+        if self.local:
+            return os.stat(self.path(rel)).st_mtime
+        return self.fs.modified(self.path(rel)).timestamp()
+
+    def link(self, src: str, dest: str) -> None:
+        """Put a copy of the published file `src` at `dest` without reading it through Python:
+        a hard link on local disk (files are never changed in place, only replaced), else the
+        file system's own copy (server-side on an object store). `dest` appears whole or not at all."""
+        full = self.path(dest)
+        tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            if self.local:
+                os.makedirs(os.path.dirname(full), exist_ok=True)
+                try:
+                    os.link(self.path(src), tmp)
+                except OSError:   # another file system, or one without hard links
+                    shutil.copyfile(self.path(src), tmp)
+                os.replace(tmp, full)
+            else:
+                self.fs.copy(self.path(src), tmp)
+                self.fs.mv(tmp, full)
+        except BaseException:   # never leave a .tmp- file behind
+            with contextlib.suppress(OSError):
+                self.remove(tmp[len(self.base) + 1:])
+            raise
+
     def promote(self, src: str, dest: str) -> None:
         """Move a finished part into its published place (a rename on local disk)."""
         if self.local:
@@ -379,7 +412,8 @@ def publish_parts(root: Root, folder: str, results: list[dict], **meta: Any) -> 
                 pass  # a concurrent run promoted the same (identical) part first
         if not root.exists(x["file"]):
             raise IntegrityError(f"{root.uri(x['file'])}: gone before its folder was published")
-    files = [{"name": posixpath.basename(x["file"]), "bytes": x["bytes"], "sha256": x["sha256"]} for x in results]
+    files = [{"name": posixpath.relpath(x["file"], folder), "bytes": x["bytes"], "sha256": x["sha256"]}
+             for x in results]
     digest = root.write_manifest(folder, files, **meta)
     for x in results:
         with contextlib.suppress(OSError):

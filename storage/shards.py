@@ -22,6 +22,11 @@ from pixelsim.storage.images import decode_members
 from pixelsim.storage.root import Root, sha256_file
 
 META_KEY = b"pixelsim"
+# Which archive members (path, sha256) each shard of a set holds: what a later set of a grown
+# archive matches its members against to reuse whole shards (see tasks.convert.assign). In a
+# "_" subfolder, so `<set>/*.parquet` (DuckDB, Polars, pandas) and dataset readers see only shards.
+MEMBERS = "_plan/members.parquet"
+MEMBER_COLUMNS = ("part", "path", "sha256")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,21 @@ def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: Shar
         digest, size = sha256_file(tmp)
     return {"sha256": digest, "bytes": size, "rows": len(kept), "errors": errors,
             "counts": np.bincount(labels, minlength=len(meta.classes)).tolist()}
+
+
+def members_bytes(table: pa.Table) -> bytes:
+    """A set's MEMBERS file (columns MEMBER_COLUMNS), as bytes: deterministic for one table."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table.select(list(MEMBER_COLUMNS)), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def parse_members(data: bytes) -> pa.Table:
+    """A MEMBERS file from its bytes (checked against its manifest by the caller)."""
+    table = pq.ParquetFile(pa.BufferReader(data)).read()
+    if tuple(table.column_names) != MEMBER_COLUMNS:
+        raise IntegrityError(f"{MEMBERS}: columns {table.column_names}, expected {list(MEMBER_COLUMNS)}")
+    return table.set_column(0, "part", table.column("part").cast(pa.string()))
 
 
 def read_meta(root: Root, rel: str) -> dict:

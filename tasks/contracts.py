@@ -230,6 +230,8 @@ class ShardJob:
     draft: bool = False      # with resize: JPEGs decode at the smallest scale at least that size
     skip_bad: bool = False
     parallel: bool = False   # build on the shared process pool
+    digest: str = ""         # of the members' paths, labels and digests: what the shard's rows are made of
+    reuse: str = ""          # JSON of the Part record of an earlier set's shard with exactly these members
 
     def entries(self) -> list[Member]:
         return [Member(*row) for row in json.loads(self.members)]
@@ -243,6 +245,9 @@ class ShardPlan:
     classes: tuple[str, ...]
     shape: tuple[int, ...]
     jobs: tuple[ShardJob, ...]
+    pixels: str = ""         # catalog key of what makes pixels and labels (see convert.pixels_key)
+    members: Any = None      # pyarrow Table (part, path, sha256): published as the set's _members.parquet
+    earlier: str = ""        # the earlier set whose shards the plan reuses, if any
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,8 @@ class Part:
     rows: int = 0
     counts: dict[str, int] = field(default_factory=dict)       # images per class (shards)
     skipped: tuple[str, ...] = ()                              # bad files left out (shards)
+    members: str = ""                                          # ShardJob.digest it was built for (shards)
+    reused_from: str = ""                                      # the earlier set's shard it is a copy of
     confusion: dict[str, list[list[int]]] = field(default_factory=dict)   # per metric (predictions)
 
     def describe(self) -> str:
@@ -283,6 +290,11 @@ class ShardSet(Output):
     sha256: dict[str, str] = field(default_factory=dict)               # shard file -> sha256
     skipped: list[str] = field(default_factory=list)
     parts: dict[str, dict] = field(default_factory=dict)               # file name -> Part
+    pixels: str = ""         # sets with equal `pixels` may share shards (incremental conversion)
+    reused: dict[str, Any] = field(default_factory=dict)               # {"from", "shards", "images"}
+
+    def images(self) -> int:
+        return sum(n for split in self.counts.values() for n in split.values())
 
 
 @dataclass(frozen=True)

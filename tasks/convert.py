@@ -5,33 +5,40 @@ parallel on any task runner, cache one by one, and a lost shard is rebuilt alone
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import posixpath
 from collections import Counter
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pixelsim.storage import catalog
 from pixelsim.storage.archive import BLOB, INDEX, read_index
 from pixelsim.storage.cache import Outcome, load_part, record_part, reuse_or_build
-from pixelsim.storage.errors import ImageError, LayoutError, TransientError
+from pixelsim.storage.errors import ImageError, IntegrityError, LayoutError, TransientError
 from pixelsim.storage.images import decode_members, peek_size
 from pixelsim.storage.layout import Layout, split_rows
-from pixelsim.storage.root import MANIFEST, Root, part_of, publish_parts
-from pixelsim.storage.shards import Member, ShardMeta, build_shard, member_bytes
+from pixelsim.storage.root import MANIFEST, Root, part_of, publish_parts, sha256_bytes
+from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, members_bytes,
+                                     parse_members)
 from pixelsim.tasks import pool
 from pixelsim.tasks.contracts import Options, Part, ShardJob, ShardPlan, ShardSet, Tree
 
-VERSION = "6"   # 6: JPEG reduced-scale decode with --resize, 16-bit colour rounded
+VERSION = "7"   # 7: parts know their members (incremental conversion); 6: JPEG draft decode, 16-bit rounding
 SPLITS = ("train", "valid")
 MAX_LISTED = 20
 # Below this many files a process pool's start (about 0.3 s) costs more than its cores save.
 POOL_MIN_IMAGES = 50_000
 SIZE_SAMPLE = 101   # training files whose headers decide the common image size
+REUSE_MIN = 4       # an earlier shard under shard_size / REUSE_MIN images is re-decoded with the new ones
+log = logging.getLogger("pixelsim.convert")
 
 
 def tree_index(tree: Tree) -> tuple[pa.Table, list[str]]:
@@ -75,15 +82,90 @@ def read_image(data: bytes, member: Member, *, channels: int, size: tuple[int, i
     return images[0]
 
 
+def pixels_key(classes: tuple[str, ...] | list[str], shape: tuple[int, ...], o: Options) -> str:
+    """Everything besides its members that fixes a shard's rows: the decoder's version, the class
+    list (labels), the image shape and the options that shape pixels. Two sets with equal keys
+    may share any shard whose members (path and bytes) they both hold."""
+    return catalog.step_key("convert-pixels", VERSION, list(classes), list(shape), o.channels,
+                            list(o.resize) if o.resize else None, bool(o.resize) and not o.exact_resize)
+
+
+@dataclass(frozen=True)
+class Earlier:
+    """A published shard set that a new plan may take whole shards from."""
+
+    dir: str
+    members: pa.Table             # MEMBERS: part, path, sha256
+    parts: dict[str, dict]        # shard file name -> its Part record
+
+
+def earlier_set(root: Root, dataset: str, pixels: str, own: str) -> Earlier | None:
+    """The set to reuse shards from: this folder's own when it is published (so a rerun plans the
+    same shards), else this dataset's most recently published set with the same pixels key.
+    One whose members file is unreadable or fails its digest is passed over for the next."""
+    found = []
+    for name in root.glob(catalog.shard_manifests(dataset)):
+        folder = posixpath.dirname(name)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            manifest = root.read_json(name)
+            entry = next((f for f in manifest["files"] if f["name"] == MEMBERS), None)
+            if entry and manifest["record"].get("pixels") == pixels:
+                found.append((folder == own, root.modified(name), folder, manifest, entry))
+    for _, _, folder, manifest, entry in sorted(found, key=lambda f: f[:3], reverse=True):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, IntegrityError, pa.ArrowException):
+            data = root.read_bytes(posixpath.join(folder, MEMBERS))
+            if sha256_bytes(data) == entry["sha256"]:
+                return Earlier(folder, parse_members(data), dict(manifest["record"]["parts"]))
+    return None
+
+
+def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) -> list[tuple[dict | None, pa.Table]]:
+    """Cut one split's rows into shards: first every shard of the earlier set whose members (same
+    path, same sha256) are all still here, unchanged; then the other rows, in order, `shard_size`
+    at a time. Returns (the earlier shard's Part record or None, its rows) per shard.
+
+    So a grown archive re-decodes only its new images (and those of an earlier shard that lost
+    or changed a member); an earlier shard under 1/REUSE_MIN of `shard_size` (a split's tail) is
+    folded into the new ones, so repeated growth does not leave a trail of tiny shards.
+    """
+    def cut(t: pa.Table) -> list[tuple[dict | None, pa.Table]]:
+        return [(None, t.slice(i * shard_size, shard_size)) for i in range(math.ceil(len(t) / shard_size))]
+
+    if earlier is None:
+        return cut(rows)
+    old = earlier.members.filter(pc.starts_with(earlier.members.column("part"), role + "-"))
+    if not len(old):
+        return cut(rows)
+
+    def key(t: pa.Table) -> pa.ChunkedArray:
+        return pc.binary_join_element_wise(t.column("path"), t.column("sha256"), "\x00")
+
+    part = old.column("part").take(pc.index_in(key(rows), value_set=key(old)))
+    need = {d["values"]: d["counts"] for d in pc.value_counts(old.column("part")).to_pylist()}
+    have = {d["values"]: d["counts"] for d in pc.value_counts(part.drop_null()).to_pylist()}
+    keep = sorted(n for n, c in need.items()
+                  if have.get(n) == c and c * REUSE_MIN >= shard_size and n in earlier.parts)
+    group = pc.fill_null(pc.index_in(part, value_set=pa.array(keep, pa.string())), len(keep))
+    order = pc.sort_indices(pa.table({"g": group, "i": pa.array(np.arange(len(rows)))}),
+                            sort_keys=[("g", "ascending"), ("i", "ascending")])
+    rows = rows.take(order)
+    sizes = np.bincount(group.to_numpy(zero_copy_only=False), minlength=len(keep) + 1)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    out = [({**earlier.parts[n], "file": posixpath.join(earlier.dir, n)}, rows.slice(starts[j], sizes[j]))
+           for j, n in enumerate(keep)]
+    return out + cut(rows.slice(starts[-2]))
+
+
 def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
                 index: pa.Table | None = None) -> ShardPlan:
     """Split both splits' files into shards; fix the image shape from the training images.
 
     Each job lists its members with their digests, and its file name follows from the folder's
-    key (the tree's digest, the layout and the options that shape pixels), so a shard is reused
-    exactly when its own inputs are unchanged. `index` is `tree_index`'s table when already
-    read. Selection and order are Arrow work; only one shard's rows at a time become Python
-    objects (its job's JSON).
+    key (the tree's digest, the layout and the options that shape pixels); a part already built
+    for that name is reused only if it was built from the same members (`ShardJob.digest`).
+    Shards of an earlier set with the same pixels key are reused whole where their members are
+    unchanged (`assign`). Selection and order are Arrow work; only one shard's rows at a time
+    become Python objects (its job's JSON). `index` is `tree_index`'s table when already read.
     """
     index = index if index is not None else tree_index(tree)[0]
     o = options
@@ -104,26 +186,35 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
         picked = train.take(pa.array(range(0, len(train), step), pa.int64())).slice(0, SIZE_SAMPLE)
         shape = tuple(common_size(tree, [Member(**r) for r in picked.to_pylist()]))
     shape += (3,) if o.channels == 3 else ()
+    pixels = pixels_key(layout.classes, shape, o)
+    earlier = earlier_set(Root(tree.root), dataset, pixels, rel)
     parallel = len(index) >= POOL_MIN_IMAGES
-    jobs = []
+    jobs, members = [], []
     for role, folder, rows in splits:
-        n = math.ceil(len(rows) / o.shard_size)
-        for i in range(n):
-            chunk = rows.slice(i * o.shard_size, o.shard_size)
+        shards = assign(rows, role, earlier, o.shard_size)
+        for i, (source, chunk) in enumerate(shards):
+            file = catalog.shard_file(rel, role, i, len(shards))
+            packed, digest = pack_rows(chunk)
             jobs.append(ShardJob(root=tree.root, dir=rel, name=f"convert-{role}-{i:05d}", split=role, folder=folder,
-                                 file=catalog.shard_file(rel, role, i, n), members=pack_rows(chunk),
-                                 blob=posixpath.join(tree.dir, BLOB), shape=shape, classes=tuple(layout.classes),
-                                 archive_sha256=tree.archive_sha256, channels=o.channels, resize=bool(o.resize),
+                                 file=file, members=packed, blob=posixpath.join(tree.dir, BLOB), shape=shape,
+                                 classes=tuple(layout.classes), archive_sha256=tree.archive_sha256,
+                                 channels=o.channels, resize=bool(o.resize),
                                  draft=bool(o.resize) and not o.exact_resize,
-                                 skip_bad=o.skip_bad > 0, parallel=parallel))
-    return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs))
+                                 skip_bad=o.skip_bad > 0, parallel=parallel, digest=digest,
+                                 reuse=json.dumps(source) if source else ""))
+            members.append(chunk.select(["path", "sha256"]).add_column(
+                0, "part", pa.repeat(posixpath.basename(file), len(chunk)).dictionary_encode()))
+    return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs), pixels=pixels,
+                     members=pa.concat_tables(members, promote_options="permissive"),
+                     earlier=earlier.dir if earlier and earlier.dir != rel else "")
 
 
-def pack_rows(rows: pa.Table) -> str:
-    """A shard's members (rows of Member's columns) as one JSON string of rows (see ShardJob)."""
-    return json.dumps(list(zip(*(rows.column(c).to_pylist() for c in Member._fields))), separators=(",", ":"))
-
-
+def pack_rows(rows: pa.Table) -> tuple[str, str]:
+    """A shard's members (rows of Member's columns) as one JSON string of rows (see ShardJob),
+    and the digest of what its pixels and labels are made of (paths, labels, sha256s)."""
+    cols = [rows.column(c).to_pylist() for c in Member._fields]
+    made_of = json.dumps([cols[Member._fields.index(c)] for c in ("path", "label", "sha256")], separators=(",", ":"))
+    return json.dumps(list(zip(*cols)), separators=(",", ":")), sha256_bytes(made_of.encode())
 
 
 def convert_shard(job: ShardJob, refresh: bool = False) -> Outcome[Part]:
@@ -136,6 +227,8 @@ def convert_shard(job: ShardJob, refresh: bool = False) -> Outcome[Part]:
     r = Root(job.root)
 
     def build() -> Part:
+        if job.reuse and (part := copy_earlier(r, job)):
+            return part
         meta = ShardMeta(shape=tuple(job.shape), classes=list(job.classes), split=job.folder,
                          source_sha256=job.archive_sha256)
         args = (job.root, job.blob, job.entries(), part_of(job.file), meta)
@@ -149,11 +242,37 @@ def convert_shard(job: ShardJob, refresh: bool = False) -> Outcome[Part]:
         if out["errors"] and not job.skip_bad:
             raise BadImages(out["errors"])
         part = Part(file=job.file, sha256=out["sha256"], bytes=out["bytes"], split=job.split, rows=out["rows"],
-                    counts=dict(zip(job.classes, out["counts"])), skipped=tuple(out["errors"]))
+                    counts=dict(zip(job.classes, out["counts"])), skipped=tuple(out["errors"]), members=job.digest)
         record_part(r, job.file, part.to_dict())
         return part
 
-    return reuse_or_build(r, job.file, lambda: Part.from_dict(load_part(r, job.file)), build, refresh=refresh)
+    def load() -> Part:
+        part = Part.from_dict(load_part(r, job.file))
+        if part.members != job.digest:   # planned differently before (another earlier set, or older code)
+            raise IntegrityError(f"{r.uri(job.file)}: holds other images than this plan's {job.name}")
+        return part
+
+    return reuse_or_build(r, job.file, load, build, refresh=refresh)
+
+
+def copy_earlier(r: Root, job: ShardJob) -> Part | None:
+    """The earlier set's shard with exactly this job's members, linked into place and re-hashed;
+    None (so the shard is decoded instead) when it has gone or no longer matches its record."""
+    source = Part.from_dict(json.loads(job.reuse))
+    staged = part_of(job.file)
+    try:
+        r.link(source.file, staged)
+        found = r.sha256(staged)
+    except FileNotFoundError:
+        found = None
+    if found != (source.sha256, source.bytes):
+        with contextlib.suppress(OSError):
+            r.remove(staged)
+        log.warning("%s: %s is gone or altered; decoding its images again", job.name, r.uri(source.file))
+        return None
+    part = dataclasses.replace(source, file=job.file, members=job.digest, reused_from=source.file)
+    record_part(r, job.file, part.to_dict())
+    return part
 
 
 class BadImages(ImageError):
@@ -180,11 +299,31 @@ def finish_shards(plan: ShardPlan, parts: list[Part], dataset: str, root: str, s
         raise BadImages([f"class {c}: no training image is left after --skip-bad left out unreadable ones, so it "
                          f"has no template (fix or remove its bad files, or leave the class out with --classes)"
                          for c in empty] + skipped)
+    copied = [x for x in parts if x.reused_from]
+    reused = {"from": posixpath.dirname(copied[0].reused_from), "shards": len(copied),
+              "images": sum(x.rows for x in copied)} if copied else {}
     out = ShardSet(root=root, dir=plan.dir, digest="", dataset=dataset, classes=list(plan.classes),
                    shape=list(plan.shape), counts=counts,
                    shards={s: [x.file for x in parts if x.split == s] for s in SPLITS},
                    sha256={x.file: x.sha256 for x in parts}, skipped=skipped,
-                   parts={posixpath.basename(x.file): x.to_dict() for x in parts})
-    digest = publish_parts(Root(root), plan.dir, [x.to_dict() for x in parts], record=out.record(),
+                   parts={posixpath.basename(x.file): x.to_dict() for x in parts}, pixels=plan.pixels, reused=reused)
+    r = Root(root)
+    members = stage_members(r, plan)
+    digest = publish_parts(r, plan.dir, [x.to_dict() for x in parts] + [members], record=out.record(),
                            rows={posixpath.basename(x.file): x.rows for x in parts})
     return dataclasses.replace(out, digest=digest)
+
+
+def stage_members(r: Root, plan: ShardPlan) -> dict:
+    """Stage the set's MEMBERS file for publication with its shards, unless the published one
+    already holds these bytes (a cached run writes nothing)."""
+    data = members_bytes(plan.members)
+    rel = posixpath.join(plan.dir, MEMBERS)
+    entry = {"file": rel, "sha256": sha256_bytes(data), "bytes": len(data)}
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        listed = {f["name"]: f for f in r.read_json(posixpath.join(plan.dir, MANIFEST))["files"]}
+        if (listed[MEMBERS]["sha256"], listed[MEMBERS]["bytes"]) == (entry["sha256"], entry["bytes"]) \
+                and r.sha256(rel) == (entry["sha256"], entry["bytes"]):
+            return entry
+    r.write_bytes_atomic(rel, data)   # not a part: the manifest written next is what vouches for it
+    return entry

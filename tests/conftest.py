@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tarfile
 import sys
 import tempfile
 import threading
@@ -184,3 +185,22 @@ def assert_figures(report: dict, figures: dict) -> None:
         got = report["metrics"][metric]
         assert got["per_class"] == {k: v for k, v in want.items() if k != "balanced"}, metric
         assert got["balanced"] == want["balanced"], metric
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """mnist_tiny unpacked: a folder source that the tests grow and edit."""
+    with tarfile.open(TINY) as tf:
+        tf.extractall(tmp_path / "src", filter="data")
+    return tmp_path / "src" / "mnist_tiny"
+
+
+def grow(folder: Path, n: int) -> list[str]:
+    """Copy n images of each split's first class under new names; returns their paths in the archive."""
+    added = []
+    for split in ("train", "valid"):
+        for f in sorted((folder / split / "3").glob("*.png"))[:n]:
+            new = f.with_name(f.stem + "_new.png")
+            shutil.copy(f, new)
+            added.append(str(new.relative_to(folder.parent)))
+    return sorted(added)

@@ -87,8 +87,9 @@ def test_a_dead_worker_is_a_transient_error_and_the_next_try_gets_a_new_pool(tin
     from pixelsim.tasks.convert import convert_shard, pack_rows
     root, tree = tiny
     files = entries(root, tree, 20)
+    members, digest = pack_rows(pa.Table.from_pylist([m._asdict() for m in files]))
     job = ShardJob(root=root, dir="s", name="convert-train-00000", split="train", folder="train",
-                   file="s/train-0.parquet", members=pack_rows(pa.Table.from_pylist([m._asdict() for m in files])),
+                   file="s/train-0.parquet", members=members, digest=digest,
                    blob=f"{tree.dir}/members.bin",
                    shape=(28, 28), classes=("a", "b"), archive_sha256=tree.archive_sha256, parallel=True)
     monkeypatch.setenv(pool.ENV, "2")

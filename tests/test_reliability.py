@@ -283,8 +283,9 @@ def test_truncated_shard_is_detected_and_rebuilt(cli, site):
     shards = Path(first.report["artifacts"]["shards"])
     manifest = json.loads((shards / MANIFEST).read_text())
     # the manifest (written last) carries each file's size, sha256 and, for shards, row count
-    for entry in manifest["files"]:
-        assert pq.ParquetFile(shards / entry["name"]).metadata.num_rows == manifest["rows"][entry["name"]]
+    assert {e["name"] for e in manifest["files"]} == {*manifest["rows"], "_plan/members.parquet"}
+    for name, rows in manifest["rows"].items():
+        assert pq.ParquetFile(shards / name).metadata.num_rows == rows
     shard = shards / "train-00000-of-00001.parquet"
     body = shard.read_bytes()
     shard.write_bytes(body[: len(body) // 2])

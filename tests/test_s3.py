@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import TINY, TINY_FIGURES, assert_figures, free_port
+from conftest import TINY, TINY_FIGURES, assert_figures, free_port, grow, plain_pipeline
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -119,3 +119,20 @@ def test_dask_workers_on_an_s3_root_give_the_same_figures_and_a_second_client_re
     assert again.code == 0, again.stderr
     assert "reused cached results for 6 of 6 steps" in again.stderr and again.report == first.report
     assert not [k for k in objects(fs, "dask") if ".tmp-" in k or "/_parts/" in k]
+
+
+def test_a_grown_archive_reuses_shards_on_s3(s3, folder, tmp_path, monkeypatch):
+    """Incremental conversion on an object store: earlier shards are copied server-side and
+    re-hashed, only the new images are decoded, and the figures are a from-scratch run's."""
+    env, fs = s3
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    root = f"s3://{BUCKET}/grown"
+    first = plain_pipeline(root, folder, shard_size=100)
+    grow(folder, 3)
+    grown = plain_pipeline(root, folder, shard_size=100)
+    assert grown.outputs.shards.reused == {"from": first.outputs.shards.dir, "shards": 14, "images": 1400}
+    scratch = plain_pipeline(str(tmp_path / "scratch"), folder, shard_size=100)
+    assert grown.report["metrics"] == scratch.report["metrics"]
+    keys = objects(fs, f"grown/{grown.outputs.shards.dir}")
+    assert "_plan/members.parquet" in keys and not [k for k in keys if ".tmp-" in k or "_parts/" in k]
