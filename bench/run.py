@@ -179,6 +179,7 @@ def w_step(p: dict) -> dict:
         from pixelsim.tasks import pool
         procs = getattr(pool._pool, "_processes", None) or {}   # the shard-building workers, still up
         t["workers_rss_mb"] = sum(vmhwm(pid) for pid in procs)
+        t["reused_images"] = out.reused.get("images", 0)
     elif name == "templates":
         shards = ShardSet.load(root, p["shards"])
         out, t = timed(lambda: compute_templates(shards).value)
@@ -186,6 +187,55 @@ def w_step(p: dict) -> dict:
         shards, tmpl = ShardSet.load(root, p["shards"]), Templates.load(root, p["templates"])
         out, t = timed(lambda: pipeline.evaluate(PlainRunner(), shards, tmpl, "cpu"))
     return {"out": out.dir, **t}
+
+
+def w_limits(p: dict) -> dict:
+    """G's limits, measured in the same run on the same data: the bare per-member costs that no
+    implementation of a step can avoid. untar: sha256 of every member (one core; a plain tar has
+    nothing to inflate); convert: a bare pyspng decode per image on every core, plus the sha256
+    check of its bytes; templates and evaluate: reading their shards once (zstd + Parquet)."""
+    import hashlib
+    import numpy as np
+    from pixelsim.storage.root import Root
+    from pixelsim.storage.shards import Member, iter_arrays, member_bytes
+    from pixelsim.tasks.contracts import ShardSet, Tree
+    from pixelsim.tasks.convert import tree_index
+    root = Root(p["root"])
+    tree, shards = Tree.load(p["root"], p["tree"]), ShardSet.load(p["root"], p["shards"])
+    index = tree_index(tree)[0]
+    sample = index.slice(0, 20_000).to_pylist()
+    datas = member_bytes(root, f"{tree.dir}/members.bin", [Member(r["path"], 0, r["sha256"], r["size"], r["offset"])
+                                                           for r in sample])
+    _, t_hash = timed(lambda: [hashlib.sha256(d).digest() for d in datas])
+    try:
+        from pyspng import load as decode
+    except ImportError:
+        from PIL import Image
+        decode = lambda b: np.asarray(Image.open(io.BytesIO(b)))  # noqa: E731
+    _, t_dec = timed(lambda: [decode(d) for d in datas])
+    k = len(shards.classes)
+
+    def means() -> np.ndarray:   # a plain numpy script: integer sums per class, then divide
+        sums, counts = np.zeros((k, int(np.prod(shards.shape))), np.int64), np.zeros(k, np.int64)
+        for b in iter_arrays(root, shards.shards["train"]):
+            for c in range(k):
+                sums[c] += b["image"][b["label_index"] == c].sum(0, dtype=np.int64)
+            counts += np.bincount(b["label_index"], minlength=k)
+        return (sums / counts[:, None] / 255).astype(np.float32)
+    tmpl, t_train = timed(means)
+
+    def nearest() -> int:   # L1 and RMSE to every template, argmin, one shard at a time
+        right = 0
+        for b in iter_arrays(root, shards.shards["valid"]):
+            for s in range(0, len(b["image"]), 512):
+                x = b["image"][s:s + 512].astype(np.float32) / 255
+                d = x[:, None, :] - tmpl[None]
+                right += int((np.abs(d).mean(-1).argmin(1) == b["label_index"][s:s + 512]).sum())
+                right += int((np.sqrt((d * d).mean(-1)).argmin(1) == b["label_index"][s:s + 512]).sum())
+        return right
+    _, t_valid = timed(nearest)
+    return {"hash": len(datas) / t_hash["s"], "decode": len(datas) / t_dec["s"],
+            "templates_s": t_train["s"], "evaluate_s": t_valid["s"], "cores": os.cpu_count(), "images": len(index)}
 
 
 def w_jpeg(p: dict) -> dict:
@@ -230,7 +280,7 @@ def w_trivial(p: dict) -> dict:
 
 
 WORKERS = {"extract": w_extract, "seed": w_seed, "steps": w_steps, "decode": w_decode, "step": w_step,
-           "trivial": w_trivial, "jpeg": w_jpeg}
+           "trivial": w_trivial, "jpeg": w_jpeg, "limits": w_limits}
 
 
 # ---------------------------------------------------------------- subprocesses
@@ -269,8 +319,9 @@ def prefect_env(home: Path, api: str | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- synthetic data (G)
-def synthetic_tar(path: Path, n: int) -> None:
-    """n MNIST-like 28x28 PNGs in synth/{train,valid}/{0..9}/ (5/6 train), from 300 distinct images."""
+def synthetic_tar(path: Path, n: int, extra: int = 0) -> None:
+    """n MNIST-like 28x28 PNGs in synth/{train,valid}/{0..9}/ (5/6 train), from 300 distinct images;
+    `extra` more under new names (the archive grown: the same n members, byte for byte, plus these)."""
     import numpy as np
     from pixelsim.storage.images import encode_png
     rng = np.random.default_rng(0)
@@ -286,6 +337,11 @@ def synthetic_tar(path: Path, n: int) -> None:
             ti = tarfile.TarInfo(f"synth/{'train' if i < n * 5 // 6 else 'valid'}/{i % 10}/{i:07d}.png")
             ti.size = len(data)
             tf.addfile(ti, io.BytesIO(data))
+        for j in range(extra):
+            data = pngs[j % 10][(j // 10 + 7) % 30]
+            ti = tarfile.TarInfo(f"synth/{'train' if j < extra * 5 // 6 else 'valid'}/{j % 10}/{j:07d}b.png")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
 
 
 def scale(n: int, tmp: Path, logs: Path) -> dict:
@@ -297,15 +353,31 @@ def scale(n: int, tmp: Path, logs: Path) -> dict:
     tar.unlink()
     images = {"untar": n, "convert": n, "templates": n * 5 // 6, "evaluate": n - n * 5 // 6}
     result = {"images": n, "generate_s": gen["s"], "steps": {}}
+
+    def step(name: str, key: str | None, label: str, count: int) -> dict:
+        res, proc = worker("step", {**state, "step": name}, logs / f"scale-{n}-{label}")
+        if key:
+            state[key] = res["out"]
+        result["steps"][label] = {"s": res["s"], "wall": proc["wall"], "cores": res["cpu"] / res["s"],
+                                  "rate": count / res["s"], "rss_mb": res["peak_rss_mb"] + res.get("workers_rss_mb", 0.0),
+                                  "layout_s": res.get("layout_s")}
+        return res
+
     try:
         for name, key in (("untar", "tree"), ("convert", "shards"), ("templates", "templates"), ("evaluate", None)):
-            res, proc = worker("step", {**state, "step": name}, logs / f"scale-{n}-{name}")
-            if key:
-                state[key] = res["out"]
-            result["steps"][name] = {"s": res["s"], "wall": proc["wall"], "cores": res["cpu"] / res["s"],
-                                     "rate": images[name] / res["s"],
-                                     "rss_mb": res["peak_rss_mb"] + res.get("workers_rss_mb", 0.0),
-                                     "layout_s": res.get("layout_s")}
+            step(name, key, name, images[name])
+        lim = result["limits"] = worker("limits", state, logs / f"scale-{n}-limits")[0]
+        cores = lim["cores"]
+        result["limit_s"] = {"untar": n / lim["hash"], "convert": n / (cores * lim["decode"]) + n / (cores * lim["hash"]),
+                             "templates": lim["templates_s"], "evaluate": lim["evaluate_s"]}
+        extra = n // 100   # the incremental case: the same archive grown by 1%
+        grown = tmp / f"synthetic-{n}-grown.tar"
+        synthetic_tar(grown, n, extra)
+        state["archive"] = download_archive(str(grown), str(root)).value.dir
+        grown.unlink()
+        step("untar", "tree", "untar, grown 1%", n + extra)
+        res = step("convert", "shards", "convert, grown 1% (incremental)", n + extra)
+        result["incremental"] = {"images": n + extra, "decoded": n + extra - res["reused_images"]}
     except Exception as e:  # noqa: BLE001 - keep what was measured
         result["error"] = f"N={n:,}: {type(e).__name__}: {e}"[:500]
     finally:
@@ -472,17 +544,29 @@ def table(R: dict) -> str:
                f"**{F.get('same_pixels')}**")
     G = R.get("G")
     if G:
-        out += ["", "| N | step | seconds (work) | process wall | images/s | cores used | peak RSS MB "
-                "| RSS vs smallest N |", "|---|---|---|---|---|---|---|---|"]
+        out += ["", "| N | step | seconds (work) | process wall | images/s | cores used | limit s | ÷ limit "
+                "| peak RSS MB | RSS vs smallest N |", "|---|---|---|---|---|---|---|---|---|---|"]
         runs = [g for g in G.get("runs", []) if "steps" in g]
         for g in runs:
             for k, s in g["steps"].items():
                 base = runs[0]["steps"].get(k, {}).get("rss_mb")
                 ratio = f"÷ {s['rss_mb'] / base:.2f}" if base else "—"
                 extra = f" (+ find_layout {s['layout_s']:.1f}s)" if s.get("layout_s") is not None else ""
+                limit = g.get("limit_s", {}).get(k)
+                lim = f"{limit:.1f} | ÷ {s['s'] / limit:.2f}" if limit else "— | —"
                 out.append(f"| {g['images']:,} | {k}{extra} | {s['s']:.1f} | {s['wall']:.1f} | {s['rate']:,.0f} | "
-                           f"{s['cores']:.2f} | {s['rss_mb']:.0f} | {ratio} |")
+                           f"{s['cores']:.2f} | {lim} | {s['rss_mb']:.0f} | {ratio} |")
+            if g.get("incremental"):
+                inc = g["incremental"]
+                out.append(f"| {g['images']:,} | grown 1%: images decoded again | {inc['decoded']:,} of "
+                           f"{inc['images']:,} ({inc['decoded'] / inc['images']:.1%}) | | | | | | | |")
+        full = [sum(s["s"] for k, s in g["steps"].items() if k in ("untar", "convert", "templates", "evaluate"))
+                for g in runs]
         notes = G.get("notes", []) + [g["error"] for g in G.get("runs", []) if "error" in g]
+        notes += [f"N={g['images']:,}: archive → evaluated, the four steps {t:.1f}s; limits measured in this run: "
+                  f"sha256 {g['limits']['hash']:,.0f} members/s, bare decode {g['limits']['decode']:,.0f} img/s per "
+                  f"core (untar's limit: sha256 of every member on one core; convert's: bare decode + sha256 on every core; templates' and evaluate's: a plain single-threaded numpy script over the same shards)"
+                  for g, t in zip(runs, full) if g.get("limits")]
         notes += [f"N={g['images']:,}: generating the tar {g['generate_s']:.0f}s, deleting the root "
                   f"{g['cleanup_s']:.0f}s (not in the steps)" for g in runs]
         out.append(f"\ntemplates/evaluate peak RSS flat across N (within 1.25x): **{G.get('flat')}**\n"
