@@ -20,12 +20,18 @@ def test_bench_sections_run_and_render(tmp_path):
     G = bench.scale(3000, tmp_path, tmp_path)
     assert "error" not in G, G.get("error")
     assert {k: round(v["rate"] * v["s"]) for k, v in G["steps"].items()} == {
-        "untar": 3000, "convert": 3000, "templates": 2500, "evaluate": 500}
+        "untar": 3000, "convert": 3000, "templates": 2500, "evaluate": 500,
+        "untar, grown 1%": 3030, "convert, grown 1% (incremental)": 3030}
+    # the one 2,500-image training shard is reused; the 500-image validation shard is under a
+    # quarter of --shard-size (5000), so it is decoded again with the 30 new images
+    assert G["incremental"] == {"images": 3030, "decoded": 530}
+    assert set(G["limit_s"]) == {"untar", "convert", "templates", "evaluate"}
     R = {"machine": bench.machine(), "A": {**A, "process_s": proc["wall"]}, "A0": A0, "B": B, "F": F, "J": J,
          "G": {"runs": [G], "flat": True, "notes": []}, "accuracy_equal": True, "accuracy_equal_C": {}}
     text = bench.table(R)
     for row in ("| A | seed extraction (tarfile.extractall", "| B | all steps (download → report)",
                 "| B | from the unpacked archive", "| F | train images: shards → one array",
-                "| dec | B convert throughput", "| 3,000 | convert", "| J | 20 JPEGs of 240-640 px"):
+                "| dec | B convert throughput", "| 3,000 | convert", "| 3,000 | grown 1%: images decoded again | 530 of 3,030",
+                "| J | 20 JPEGs of 240-640 px"):
         assert row in text, row
     assert "A equals pixelsim (B, exact): **True**" in text
