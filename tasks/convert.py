@@ -125,8 +125,9 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) 
     at a time. Returns (the earlier shard's Part record or None, its rows) per shard.
 
     So a grown archive re-decodes only its new images (and those of an earlier shard that lost
-    or changed a member); an earlier shard under 1/REUSE_MIN of `shard_size` (a split's tail) is
-    folded into the new ones, so repeated growth does not leave a trail of tiny shards.
+    or changed a member). Only earlier shards that fit this plan's `shard_size` are taken, and
+    one under 1/REUSE_MIN of it (a split's tail) is folded into the new ones, so repeated growth
+    does not leave a trail of tiny shards.
     """
     def cut(t: pa.Table) -> list[tuple[dict | None, pa.Table]]:
         return [(None, t.slice(i * shard_size, shard_size)) for i in range(math.ceil(len(t) / shard_size))]
@@ -144,7 +145,7 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) 
     need = {d["values"]: d["counts"] for d in pc.value_counts(old.column("part")).to_pylist()}
     have = {d["values"]: d["counts"] for d in pc.value_counts(part.drop_null()).to_pylist()}
     keep = sorted(n for n, c in need.items()
-                  if have.get(n) == c and c * REUSE_MIN >= shard_size and n in earlier.parts)
+                  if have.get(n) == c and shard_size >= c and c * REUSE_MIN >= shard_size and n in earlier.parts)
     group = pc.fill_null(pc.index_in(part, value_set=pa.array(keep, pa.string())), len(keep))
     order = pc.sort_indices(pa.table({"g": group, "i": pa.array(np.arange(len(rows)))}),
                             sort_keys=[("g", "ascending"), ("i", "ascending")])

@@ -115,3 +115,4 @@ def test_assign_reuses_whole_intact_shards_and_cuts_the_rest_in_order():
     other = assign(rows(list("abcd"), sha="t"), "train", old, 4)    # same paths, other bytes
     assert [s for s, _ in other] == [None]
     assert [s for s, _ in assign(rows(list("abcd")), "valid", old, 4)] == [None]   # another split's shards
+    assert [s for s, _ in assign(rows(list("abcdefgh")), "train", old, 3)] == [None] * 3   # too big for --shard-size 3
