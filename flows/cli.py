@@ -77,6 +77,8 @@ environment:
   PIXELSIM_LOCK_DIR       where step locks live for an object-store root
   PIXELSIM_SERVER         auto (default: pixelsim's background Prefect server) or temporary
   PIXELSIM_MAX_DOWNLOAD_BYTES  ceiling for a source without a pinned size (default 20 GiB)
+  PIXELSIM_SHARD_BYTES    pixel bytes per shard, at most (default 256 MiB)
+  PIXELSIM_MAX_MEMORY     a run's peak memory by the formula of tasks/bounds.py (default half of RAM)
   PREFECT_API_URL         a Prefect server to report to (else pixelsim's own, else a temporary one)
 """
 

@@ -29,6 +29,7 @@ from pixelsim.storage.root import MANIFEST, Root, part_of, publish_parts, sha256
 from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, members_bytes,
                                      parse_members)
 from pixelsim.tasks import pool
+from pixelsim.tasks.bounds import plan_bounds
 from pixelsim.tasks.contracts import Options, Part, ShardJob, ShardPlan, ShardSet, Tree
 
 VERSION = "7"   # 7: parts know their members (incremental conversion); 6: JPEG draft decode, 16-bit rounding
@@ -159,7 +160,8 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) 
 
 def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
                 index: pa.Table | None = None) -> ShardPlan:
-    """Split both splits' files into shards; fix the image shape from the training images.
+    """Split both splits' files into shards; fix the image shape from the training images, and
+    from it the images per shard and the run's memory bound (tasks.bounds).
 
     Each job lists its members with their digests, and its file name follows from the folder's
     key (the tree's digest, the layout and the options that shape pixels); a part already built
@@ -170,9 +172,6 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
     """
     index = index if index is not None else tree_index(tree)[0]
     o = options
-    key = catalog.step_key("convert", VERSION, tree.digest, layout.to_dict(), o.shard_size, o.channels,
-                           list(o.resize) if o.resize else None, *(["exact"] if o.resize and o.exact_resize else []))
-    rel = catalog.shards_dir(dataset, key)
     splits = []
     for role, folder in zip(SPLITS, (layout.train, layout.valid)):
         rows = split_rows(index, layout, folder).select(list(Member._fields))
@@ -187,12 +186,17 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
         picked = train.take(pa.array(range(0, len(train), step), pa.int64())).slice(0, SIZE_SAMPLE)
         shape = tuple(common_size(tree, [Member(**r) for r in picked.to_pylist()]))
     shape += (3,) if o.channels == 3 else ()
+    parallel = len(index) >= POOL_MIN_IMAGES
+    # before any decoding: images per shard by pixel bytes too, and the run's peak memory checked
+    per_shard = plan_bounds(shape, len(layout.classes), o.shard_size, pool.workers() if parallel else 1).shard_images
+    key = catalog.step_key("convert", VERSION, tree.digest, layout.to_dict(), per_shard, o.channels,
+                           list(o.resize) if o.resize else None, *(["exact"] if o.resize and o.exact_resize else []))
+    rel = catalog.shards_dir(dataset, key)
     pixels = pixels_key(layout.classes, shape, o)
     earlier = earlier_set(Root(tree.root), dataset, pixels, rel)
-    parallel = len(index) >= POOL_MIN_IMAGES
     jobs, members = [], []
     for role, folder, rows in splits:
-        shards = assign(rows, role, earlier, o.shard_size)
+        shards = assign(rows, role, earlier, per_shard)
         for i, (source, chunk) in enumerate(shards):
             file = catalog.shard_file(rel, role, i, len(shards))
             packed, digest = pack_rows(chunk)

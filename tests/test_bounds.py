@@ -1,0 +1,50 @@
+"""A run's memory follows from its options and the image shape, never from the input's size:
+shards are cut by pixel bytes, and the peak-memory formula is checked before any decoding."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import TINY_FIGURES, assert_figures, plain_pipeline
+from pixelsim.storage.errors import OptionError
+from pixelsim.tasks import bounds
+from pixelsim.tasks.bounds import plan_bounds
+
+
+def test_shards_are_cut_by_pixel_bytes_as_well_as_by_count(monkeypatch):
+    monkeypatch.delenv(bounds.SHARD_BYTES_ENV, raising=False)
+    monkeypatch.setenv(bounds.MAX_MEMORY_ENV, str(1 << 40))
+    assert plan_bounds((28, 28), 10, 5000, 2).shard_images == 5000
+    assert plan_bounds((4096, 4096, 3), 2, 5000, 2).shard_images == bounds.SHARD_BYTES // (4096 * 4096 * 3) == 5
+    assert plan_bounds((16384, 16384, 3), 2, 5000, 2).shard_images == 1     # one image always fits
+    monkeypatch.setenv(bounds.SHARD_BYTES_ENV, str(784 * 50))
+    assert plan_bounds((28, 28), 10, 5000, 2).shard_images == 50
+
+
+def test_a_peak_over_the_limit_fails_before_decoding_naming_what_to_change(monkeypatch):
+    monkeypatch.setenv(bounds.MAX_MEMORY_ENV, str(16 << 30))
+    with pytest.raises(OptionError) as e:
+        plan_bounds((8192, 8192, 3), 10, 5000, 2)
+    text = str(e.value)
+    assert "8192x8192x3" in text and "10 classes" in text and "templates step" in text
+    assert "--resize" in text and "PIXELSIM_MAX_MEMORY" in text and "\n" not in text
+    peak = plan_bounds((8192, 8192, 3), 2, 5000, 2).peak_bytes          # two classes fit in 16 GiB
+    w = 8192 * 8192 * 3
+    assert peak == bounds.BASE + 2 * w + 24 * 2 * w + 16 * w             # templates: one image per shard
+    for bad in ("lots", "0", "-5"):
+        monkeypatch.setenv(bounds.MAX_MEMORY_ENV, bad)
+        with pytest.raises(OptionError, match=f"PIXELSIM_MAX_MEMORY={bad!r}: expected a number of bytes"):
+            plan_bounds((28, 28), 2, 5000, 1)
+
+
+def test_a_run_with_small_shard_bytes_has_more_shards_and_the_same_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv(bounds.SHARD_BYTES_ENV, str(784 * 50))
+    out = plain_pipeline(str(tmp_path / "root"), shard_size=300)
+    assert len(out.outputs.shards.shards["train"]) == 14 and len(out.outputs.shards.shards["valid"]) == 14
+    assert_figures(out.report, TINY_FIGURES)
+
+
+def test_a_run_over_the_memory_limit_stops_before_convert(tmp_path, monkeypatch):
+    monkeypatch.setenv(bounds.MAX_MEMORY_ENV, str(100 << 20))    # under BASE alone
+    with pytest.raises(OptionError, match="need about 0.5 GiB of memory"):
+        plain_pipeline(str(tmp_path / "root"))
+    assert not (tmp_path / "root" / "shards").exists()
