@@ -11,6 +11,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
 
 from pixelsim.flows.pipeline import STEPS, RunResult
 from pixelsim.flows.progress import notify
+from pixelsim.storage.artifacts import MAX_MATRIX, MAX_PICTURES
 from pixelsim.storage.history import recent_rows
 from pixelsim.storage.root import Root, digest_json
 from pixelsim.tasks.contracts import Request, Templates
@@ -60,7 +61,10 @@ def template_images(tmpl: Templates, per_row: int = 10) -> list[str]:
     """Markdown tables of the class templates as data: URIs: the UI fetches nothing from a storage
     root, and an image artifact takes only a URL a browser can reach."""
     root, out = Root(tmpl.root), ["", "## Templates", ""]
-    classes = tmpl.classes
+    classes = tmpl.classes[:MAX_PICTURES]
+    if len(tmpl.classes) > MAX_PICTURES:
+        out += [f"The first {MAX_PICTURES} of {len(tmpl.classes)} classes; every template is a PNG in "
+                f"{place(tmpl.uri())}.", ""]
     for i in range(0, len(classes), per_row):
         cells = []
         for c in classes[i:i + per_row]:
@@ -95,8 +99,9 @@ def history_table(rows: list[dict], limit: int = HISTORY_RUNS) -> list[dict]:
     out = []
     for prev, row in zip([None, *rows], rows):
         change = None if prev is None else round(row["balanced"] - prev["balanced"], 4)
+        per_class = row["per_class"] if len(row["per_class"]) <= MAX_MATRIX else []   # a column per class, if few
         out.append({"time": f"{row['time']:%Y-%m-%d %H:%M:%S}", "run": row["run_id"][:8], "balanced": row["balanced"],
-                    "change": change, **{p["class"]: p["accuracy"] for p in row["per_class"]},
+                    "change": change, **{p["class"]: p["accuracy"] for p in per_class},
                     "cached steps": sum(s["cached"] for s in row["steps"]), "seconds": row["total_seconds"]})
     return out[1:][::-1] if len(rows) > limit else out[::-1]
 

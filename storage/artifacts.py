@@ -14,6 +14,15 @@ from pixelsim.storage.root import Root, Staging
 
 TEMPLATES = "templates.parquet"
 
+# Up to this many classes a confusion matrix is shown whole (report.md, report.html, the UI)
+# and kept dense in report.json; beyond, report.json keeps its non-zero cells (at most one per
+# validation image) and the pages show the TOP_CONFUSIONS most frequent mistakes, so what a
+# report renders grows with the classes, never with their square. confusion-<metric>.csv
+# always holds the whole matrix.
+MAX_MATRIX = 30
+TOP_CONFUSIONS = 20
+MAX_PICTURES = 100   # class templates pictured in report.html and the UI; all are in the templates folder
+
 
 def scope_columns(scope: dict[str, str], n: int) -> dict[str, pa.Array]:
     """Constant string columns saying which output a row belongs to (dataset, key), so rows globbed
@@ -80,3 +89,23 @@ def confusion_csv(classes: list[str], matrix: list[list[int]]) -> bytes:
     for name, row in zip(classes, matrix):
         w.writerow([name, *row])
     return out.getvalue().encode()
+
+
+def confusion_entry(classes: list[str], matrix: list[list[int]]) -> dict:
+    """report.json's confusion: the matrix (rows true, columns predicted) up to MAX_MATRIX
+    classes, else `confusion_pairs`: [true, predicted, images] for every non-zero cell, most
+    frequent first."""
+    if len(classes) <= MAX_MATRIX:
+        return {"confusion": matrix}
+    cells = [(classes[i], classes[j], n) for i, row in enumerate(matrix) for j, n in enumerate(row) if n]
+    return {"confusion_pairs": [list(c) for c in sorted(cells, key=lambda c: -c[2])]}
+
+
+def mistakes(metric: dict, classes: list[str], top: int = TOP_CONFUSIONS) -> list[tuple[str, str, int]]:
+    """The most frequent (true, predicted, images) mistakes of a report's metric."""
+    if "confusion_pairs" in metric:
+        pairs = metric["confusion_pairs"]
+    else:
+        pairs = sorted(((classes[i], classes[j], n) for i, row in enumerate(metric["confusion"])
+                        for j, n in enumerate(row) if n), key=lambda c: -c[2])
+    return [tuple(p) for p in pairs if p[0] != p[1]][:top]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pixelsim.storage.artifacts import read_templates
+from pixelsim.storage.artifacts import MAX_PICTURES, mistakes, read_templates
 from pixelsim.storage.images import encode_png
 from pixelsim.storage.root import MANIFEST, Root
 from pixelsim.storage.shards import iter_arrays
@@ -85,7 +85,8 @@ def report_pictures(root: Root, templates_file: str, evaluation_dir: str, valid_
     (r0, r1), (c0, c1) = heatmap_window(gray[0].shape)
     pictures = {
         "shape": list(shape),
-        "templates": [{"class": c, **_png(im)} for c, im in zip(classes, images)],
+        "templates": [{"class": c, **_png(im)} for c, im in zip(classes[:MAX_PICTURES], images)],
+        "template_count": len(classes),
         "heatmap": {"class": classes[0], "rows": [r0, r1], "cols": [c0, c1],
                     "values": gray[0][r0:r1, c0:c1].tolist()},
     }
@@ -193,6 +194,11 @@ def _confusion(classes: list[str], matrix: list[list[int]]) -> str:
             f'<th class="muted">images</th></tr>{"".join(rows)}</table></div>')
 
 
+def _mistakes(pairs: list[tuple[str, str, int]]) -> str:
+    rows = "".join(f'<tr><td class="l">{_e(t)}</td><td class="l">{_e(p)}</td><td>{n}</td></tr>' for t, p, n in pairs)
+    return f'<table><tr><th class="l">true</th><th class="l">predicted</th><th>images</th></tr>{rows}</table>'
+
+
 def _gallery(rows: list[dict], metric: str) -> str:
     if not rows:
         return '<p class="muted">No misclassified validation images.</p>'
@@ -233,12 +239,15 @@ def render_report(report: dict, pictures: dict) -> str:
 
     out += ["<h2>Templates</h2>", '<p class="muted">The mean of every training image of a class.</p>',
             '<div class="templates">']
-    for t in pictures["templates"]:
+    for t in pictures["templates"][:MAX_PICTURES]:
         c = t["class"]
         out.append(f'<figure>{_img(t["png"], t["size"], 112, f"template of class {c}", "template")}'
                    f'<figcaption><b>{_e(c)}</b> <span class="muted">({counts["train"].get(c, 0)} images)'
                    f"</span></figcaption></figure>")
     out.append("</div>")
+    if pictures.get("template_count", 0) > MAX_PICTURES:
+        out.append(f'<p class="muted">The first {MAX_PICTURES} of {pictures["template_count"]} classes; every '
+                   f'template is a PNG in <span class="mono">{_e(report["artifacts"]["templates"])}</span>.</p>')
     heat = pictures["heatmap"]
     (r0, r1), (c0, c1) = heat["rows"], heat["cols"]
     out += [f"<h3>Pixel values of the template of class {_e(heat['class'])} "
@@ -256,8 +265,10 @@ def render_report(report: dict, pictures: dict) -> str:
     for n in names:
         worst = pictures["worst"].get(n, [])
         out += [f"<h2>{_e(n)}{' (headline)' if n == headline else ''}</h2>",
-                '<h3>Confusion <span class="muted">(rows true, columns predicted)</span></h3>',
-                _confusion(classes, metrics[n]["confusion"]),
+                *(['<h3>Confusion <span class="muted">(rows true, columns predicted)</span></h3>',
+                   _confusion(classes, metrics[n]["confusion"])] if "confusion" in metrics[n] else
+                  [f'<h3>The most frequent mistakes <span class="muted">({len(classes)} classes: the whole matrix '
+                   f'is in confusion-{_e(n)}.csv)</span></h3>', _mistakes(mistakes(metrics[n], classes))]),
                 f'<h3>The {len(worst)} most confidently wrong <span class="muted">(smallest {_e(n)} distance '
                 f"to the wrong template)</span></h3>", _gallery(worst, n)]
 

@@ -5,13 +5,13 @@ import dataclasses
 import re
 
 from pixelsim.storage import catalog
-from pixelsim.storage.artifacts import TEMPLATES, confusion_csv
+from pixelsim.storage.artifacts import TEMPLATES, confusion_csv, confusion_entry, mistakes
 from pixelsim.storage.cache import Outcome, reuse_or_build
 from pixelsim.storage.html import render_report, report_pictures
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Evaluation, Report, ShardSet, Templates
 
-VERSION = "4"
+VERSION = "5"   # 5: confusion as pairs beyond MAX_MATRIX classes
 PLACES = 4
 
 
@@ -28,7 +28,7 @@ def build_report(source: dict, shards: ShardSet, templates: Templates, evaluatio
     for name, m in evaluation.metrics.items():
         metrics[name] = {"per_class": {c: _r(a) for c, a in zip(classes, m["per_class"])},
                          "balanced": _r(m["balanced"]), "overall": _r(m["overall"]),
-                         "confusion": m["confusion"]}
+                         **confusion_entry(classes, m["confusion"])}
     return {
         "dataset": shards.dataset,
         "source": source,
@@ -78,9 +78,15 @@ def render_markdown(report: dict) -> str:
                   [[md(c), counts["train"].get(c, 0), counts["valid"].get(c, 0),
                     *[metrics[n]["per_class"][c] for n in names]] for c in classes])]
     for n in names:
-        out += ["", f"## Confusion ({n}; rows true, columns predicted)", "",
-                _table(["true \\ predicted", *map(md, classes)],
-                       [[md(c), *row] for c, row in zip(classes, metrics[n]["confusion"])])]
+        if "confusion" in metrics[n]:
+            out += ["", f"## Confusion ({n}; rows true, columns predicted)", "",
+                    _table(["true \\ predicted", *map(md, classes)],
+                           [[md(c), *row] for c, row in zip(classes, metrics[n]["confusion"])])]
+        else:
+            out += ["", f"## Most frequent mistakes ({n})", "",
+                    f"{len(classes)} classes: the whole matrix is in `confusion-{n}.csv`.", "",
+                    _table(["true", "predicted", "images"],
+                           [[md(t), md(p), k] for t, p, k in mistakes(metrics[n], classes)])]
     if report["notes"]:
         out += ["", "## Notes", "", *[f"- {md(n)}" for n in report["notes"]]]
     if report.get("skipped"):
@@ -104,7 +110,7 @@ def write_report(source: dict, shards: ShardSet, templates: Templates, evaluatio
             st.write_json(Report.FILE, report)
             st.write_bytes("report.md", render_markdown(report).encode())
             st.write_bytes("report.html", render_report(report, pictures).encode())
-            for name, m in report["metrics"].items():
+            for name, m in evaluation.metrics.items():
                 st.write_bytes(f"confusion-{name}.csv", confusion_csv(report["classes"], m["confusion"]))
             st.meta["record"] = out.record()
         return dataclasses.replace(out, digest=st.digest)
