@@ -91,14 +91,14 @@ def confusion_csv(classes: list[str], matrix: list[list[int]]) -> bytes:
     return out.getvalue().encode()
 
 
-def confusion_entry(classes: list[str], matrix: list[list[int]]) -> dict:
+def confusion_entry(classes: list[str], matrix: np.ndarray) -> dict:
     """report.json's confusion: the matrix (rows true, columns predicted) up to MAX_MATRIX
     classes, else `confusion_pairs`: [true, predicted, images] for every non-zero cell, most
     frequent first."""
     if len(classes) <= MAX_MATRIX:
-        return {"confusion": matrix}
-    cells = [(classes[i], classes[j], n) for i, row in enumerate(matrix) for j, n in enumerate(row) if n]
-    return {"confusion_pairs": [list(c) for c in sorted(cells, key=lambda c: -c[2])]}
+        return {"confusion": np.asarray(matrix).tolist()}
+    found = sorted(cells(matrix), key=lambda c: -c[2])
+    return {"confusion_pairs": [[classes[i], classes[j], n] for i, j, n in found]}
 
 
 def mistakes(metric: dict, classes: list[str], top: int = TOP_CONFUSIONS) -> list[tuple[str, str, int]]:
@@ -109,3 +109,25 @@ def mistakes(metric: dict, classes: list[str], top: int = TOP_CONFUSIONS) -> lis
         pairs = sorted(((classes[i], classes[j], n) for i, row in enumerate(metric["confusion"])
                         for j, n in enumerate(row) if n), key=lambda c: -c[2])
     return [tuple(p) for p in pairs if p[0] != p[1]][:top]
+
+
+def cells(matrix: np.ndarray) -> list[list[int]]:
+    """A confusion matrix's non-zero cells as [true, predicted, images] (indices into the classes):
+    at most one per image, however many classes."""
+    matrix = np.asarray(matrix)
+    t, p = np.nonzero(matrix)
+    return [[int(i), int(j), int(matrix[i, j])] for i, j in zip(t, p)]
+
+
+def dense(found: list[list[int]], n_classes: int) -> np.ndarray:
+    """The confusion matrix of these cells."""
+    matrix = np.zeros((n_classes, n_classes), np.int64)
+    for i, j, n in found:
+        matrix[i, j] += n
+    return matrix
+
+
+def stored_confusion(metric: dict, n_classes: int) -> np.ndarray:
+    """The confusion matrix of an evaluation's metric, kept whole up to MAX_MATRIX classes and as
+    `cells` beyond (see finish_evaluation)."""
+    return np.asarray(metric["confusion"]) if "confusion" in metric else dense(metric["cells"], n_classes)

@@ -263,7 +263,7 @@ class Part:
     skipped: tuple[str, ...] = ()                              # bad files left out (shards)
     members: str = ""                                          # ShardJob.digest it was built for (shards)
     reused_from: str = ""                                      # the earlier set's shard it is a copy of
-    confusion: dict[str, list[list[int]]] = field(default_factory=dict)   # per metric (predictions)
+    confusion: dict[str, list[list[int]]] = field(default_factory=dict)   # per metric: [true, predicted, n] cells
 
     def describe(self) -> str:
         if self.confusion:

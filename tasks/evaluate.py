@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from pixelsim.storage import catalog
-from pixelsim.storage.artifacts import TEMPLATES, read_templates, write_predictions
+from pixelsim.storage.artifacts import MAX_MATRIX, TEMPLATES, cells, dense, read_templates, write_predictions
 from pixelsim.storage.cache import Outcome, load_part, record_part, reuse_or_build
 from pixelsim.storage.root import Root, part_of, publish_parts, sha256_bytes, sha256_file
 from pixelsim.storage.shards import iter_arrays
@@ -20,7 +20,7 @@ from pixelsim.tasks.templates import block_rows, torch_device
 if TYPE_CHECKING:  # torch is imported where it is used: 2 s that a fully cached run never pays
     import torch
 
-VERSION = "4"
+VERSION = "5"   # 5: confusion kept as non-zero cells in parts, and beyond MAX_MATRIX classes
 
 
 def distances(x: torch.Tensor, templates: torch.Tensor, metric: str) -> torch.Tensor:
@@ -129,7 +129,7 @@ def evaluate_shard(job: EvalJob, refresh: bool = False) -> Outcome[Part]:
         for m in METRICS:
             best = d[m].argmin(dim=1)
             pred = best.cpu().numpy()
-            confusion[m] = confusion_matrix(labels, pred, len(classes)).tolist()
+            confusion[m] = cells(confusion_matrix(labels, pred, len(classes)))
             preds.append(pred)
             best_d.append(d[m].gather(1, best[:, None])[:, 0].cpu().numpy())
         # Arrow arrays straight from numpy (no Python object per row); the file is the same.
@@ -154,7 +154,10 @@ def evaluate_shard(job: EvalJob, refresh: bool = False) -> Outcome[Part]:
 def finish_evaluation(plan: EvalPlan, templates: Templates, parts: list[Part]) -> Evaluation:
     """Sum the shards' confusion matrices into metrics; publish _metrics.json and the manifest."""
     r, classes = Root(templates.root), list(templates.classes)
-    metrics = {m: accuracy(sum(np.array(x.confusion[m]) for x in parts)) for m in METRICS}
+    metrics = {m: accuracy(dense([c for x in parts for c in x.confusion[m]], len(classes))) for m in METRICS}
+    if len(classes) > MAX_MATRIX:   # the records grow with the images, not the square of the classes
+        metrics = {m: {**{k: v for k, v in a.items() if k != "confusion"}, "cells": cells(np.array(a["confusion"]))}
+                   for m, a in metrics.items()}
     body = json.dumps({"classes": classes, "metrics": metrics}, indent=2).encode()
     metrics_rel = catalog.metrics_file(plan.dir)
     r.write_bytes_atomic(metrics_rel, body)

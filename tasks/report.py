@@ -5,7 +5,7 @@ import dataclasses
 import re
 
 from pixelsim.storage import catalog
-from pixelsim.storage.artifacts import TEMPLATES, confusion_csv, confusion_entry, mistakes
+from pixelsim.storage.artifacts import TEMPLATES, confusion_csv, confusion_entry, mistakes, stored_confusion
 from pixelsim.storage.cache import Outcome, reuse_or_build
 from pixelsim.storage.html import render_report, report_pictures
 from pixelsim.storage.root import Root
@@ -28,7 +28,7 @@ def build_report(source: dict, shards: ShardSet, templates: Templates, evaluatio
     for name, m in evaluation.metrics.items():
         metrics[name] = {"per_class": {c: _r(a) for c, a in zip(classes, m["per_class"])},
                          "balanced": _r(m["balanced"]), "overall": _r(m["overall"]),
-                         **confusion_entry(classes, m["confusion"])}
+                         **confusion_entry(classes, stored_confusion(m, len(classes)))}
     return {
         "dataset": shards.dataset,
         "source": source,
@@ -111,7 +111,8 @@ def write_report(source: dict, shards: ShardSet, templates: Templates, evaluatio
             st.write_bytes("report.md", render_markdown(report).encode())
             st.write_bytes("report.html", render_report(report, pictures).encode())
             for name, m in evaluation.metrics.items():
-                st.write_bytes(f"confusion-{name}.csv", confusion_csv(report["classes"], m["confusion"]))
+                st.write_bytes(f"confusion-{name}.csv",
+                               confusion_csv(report["classes"], stored_confusion(m, len(report["classes"]))))
             st.meta["record"] = out.record()
         return dataclasses.replace(out, digest=st.digest)
 

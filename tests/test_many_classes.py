@@ -49,6 +49,9 @@ def test_a_report_of_many_classes_lists_mistakes_not_a_matrix(tmp_path):
     assert 'class="conf"' not in page and "whole matrix is in confusion-l1.csv" in page
     assert page.count('class="pix template"') == MAX_PICTURES and f"The first {MAX_PICTURES} of {CLASSES}" in page
     assert len(page) < 150_000 and len(text) < 40_000                  # a dense matrix alone would be larger
+    ev = Path(out.outputs.evaluation.root) / out.outputs.evaluation.dir   # the evaluation's records too
+    stored = json.loads((ev / "_metrics.json").read_text())["metrics"]["l1"]
+    assert "confusion" not in stored and len(stored["cells"]) == CLASSES
     rows = (folder / "confusion-l1.csv").read_text().splitlines()
     assert len(rows) == CLASSES + 1 and rows[1].split(",")[1:4] == ["0", "1", "0"]   # the CSV stays whole
 
