@@ -38,6 +38,10 @@ _CHUNK = 1 << 20
 # bomb hidden in a pax header, a skipped member or trailing padding cannot run away.
 _SLACK = 1 << 20
 _PER_MEMBER_SLACK = 4096
+# Extended headers (pax records, long names) a member may bring on top of that: macOS tar
+# stores extended attributes as a few KB of pax records per file. Beyond it, they count as
+# bytes the members do not declare.
+_PER_MEMBER_META = 64 << 10
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # Decode failures of the archive; write-side OSErrors never pass through _guard.
 _READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, tarfile.TarError,
@@ -287,7 +291,7 @@ class _Source:
                 self.skip(n)
         name: str | None = None
         size: int | None = None
-        sparse, long_name, ext_at = False, False, -1
+        sparse, long_name, ext_at, meta = False, False, -1, 0
         while True:
             buf, pos = self.buf, self.pos
             if len(buf) - pos < _BLOCK:
@@ -310,6 +314,9 @@ class _Source:
             if flag in _EXT_FLAGS:
                 off = self.base + pos
                 ext_at = off if ext_at < 0 else ext_at
+                grant = min(_BLOCK + hsize + (-hsize % _BLOCK), _PER_MEMBER_META - meta)
+                meta += grant
+                self.allowed += grant   # a member's metadata is budgeted, up to _PER_MEMBER_META
                 data = self._ext(hsize, off)
                 if flag == b"L":
                     if name is None:

@@ -742,6 +742,21 @@ def test_many_global_headers_hit_the_byte_budget(tmp_path: Path, sentinel: Path)
     assert_refused(tmp_path, archive, "decompresses to more than its members declare")
 
 
+def test_a_few_kb_of_pax_xattrs_per_member_is_metadata_not_a_bomb(tmp_path: Path) -> None:
+    """macOS tar stores extended attributes as pax records: a few KB per file, thousands of files."""
+    path = tmp_path / "mac.tgz"
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        for i in range(3000):
+            info, _ = tinfo(f"ds/train/{i % 2}/{i}.txt", b"x")
+            info.pax_headers = {"SCHILY.xattr.com.apple.metadata:kMDItemWhereFroms": "w" * 5000,
+                                "SCHILY.xattr.com.apple.quarantine": "0081;6"}
+            tf.addfile(info, io.BytesIO(b"x"))
+    extract(str(path), str(tmp_path / "out"))
+    assert len(list((tmp_path / "out" / "ds" / "train" / "1").iterdir())) == 1500
+    (tmp_path / "packed").mkdir()
+    assert pack(path, tmp_path / "packed").files == 3000
+
+
 def test_non_utf8_name_is_kept_as_tarfile_decodes_it(tmp_path: Path) -> None:
     archive = _raw_tar(tmp_path, _entry(b"ds/\xff.bin", b"abc"))
     expected = _tarfile_members(archive)
