@@ -227,6 +227,28 @@ def _main(argv: list[str] | None) -> int:
             traceback.print_exc()
         print(f"pixelsim: error: {error_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, OptionError) else 1
+    except Exception as e:
+        if not api_failure(e):
+            raise
+        if args.verbose:
+            import traceback
+            traceback.print_exc()
+        print(f"pixelsim: error: the Prefect API at {os.environ.get('PREFECT_API_URL', '?')} stopped answering "
+              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); what the run published "
+              "in the storage root is kept, and a rerun reuses it", file=sys.stderr)
+        return 1
+
+
+def api_failure(e: BaseException) -> bool:
+    """Whether an error (or one that caused it) is the Prefect API not answering: its HTTP
+    client's errors, or Prefect's own "Failed to reach API"."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.split(".")[0] in ("httpx", "httpcore") or "Failed to reach API" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def server_command(action: str, port: int | None) -> int:

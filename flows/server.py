@@ -171,7 +171,12 @@ def use(announce=lambda line: print(line, file=sys.stderr)) -> dict | None:
     """Point this process at pixelsim's server when no PREFECT_API_URL is set, starting it in
     the background if need be (announced); returns its state, None for a temporary server.
     Call `wait_ready` on it before the first API call."""
-    if os.environ.get("PREFECT_API_URL") or mode() == "temporary":
+    if api := os.environ.get("PREFECT_API_URL"):
+        if not _healthy(api.rstrip("/"), timeout=5.0):
+            raise PixelsimError(f"PREFECT_API_URL {api}: no Prefect API answers there ({api.rstrip('/')}/health); "
+                                "start that server, or unset PREFECT_API_URL to use pixelsim's own")
+        return None
+    if mode() == "temporary":
         return None
     state, started = launch()
     os.environ["PREFECT_API_URL"] = state["api"]

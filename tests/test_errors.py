@@ -62,3 +62,35 @@ def test_a_closed_pipe_ends_quietly(tmp_path):
     p.stdout.close()          # as `| head -c 10` does
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 0 and err == "", err
+
+
+def test_an_unreachable_prefect_api_url_is_one_line_before_the_run(tmp_path):
+    from conftest import free_port
+    env = {**base_env(tmp_path / "home"), "PREFECT_API_URL": f"http://127.0.0.1:{free_port()}/api"}
+    p = subprocess.run([PIXELSIM, "run", "--source", str(TINY), "--root", str(tmp_path / "root")], env=env,
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith(f"pixelsim: error: PREFECT_API_URL {env['PREFECT_API_URL']}: no Prefect API answers")
+    assert not (tmp_path / "root" / "shards").exists()
+
+
+def test_a_prefect_api_that_goes_away_mid_run_is_one_line(monkeypatch, capsys):
+    import httpx
+
+    from pixelsim.flows import cli
+
+    def lost(args):
+        try:
+            raise httpx.ConnectError("[Errno 111] Connection refused")
+        except httpx.ConnectError as e:
+            raise RuntimeError("Failed to reach API at http://127.0.0.1:4200/api/") from e
+
+    monkeypatch.setattr(cli, "command", lost)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4200/api")
+    assert cli._main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("pixelsim: error: the Prefect API at http://127.0.0.1:4200/api "
+                                                   "stopped answering (RuntimeError: Failed to reach API")
+    monkeypatch.setattr(cli, "command", lambda args: 1 / 0)   # anything else is a bug: its traceback is kept
+    with pytest.raises(ZeroDivisionError):
+        cli._main(["run"])
