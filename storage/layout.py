@@ -182,15 +182,15 @@ def split_rows(index: "pa.Table", layout: Layout, split: str) -> "pa.Table":
     path = index.column("path")
     rows = index.filter(pc.and_(pc.starts_with(path, prefix),
                                 pc.invert(pc.match_substring_regex(path, _HIDDEN.pattern))))
-    rest = pc.utf8_slice_codeunits(rows.column("path"), len(prefix))
-    parts = pc.split_pattern(rest, "/", max_splits=1)
-    label = pc.index_in(pc.list_element(parts, 0), value_set=pa.array(list(layout.classes), pa.string()))
-    keep = pc.and_(pc.equal(pc.list_value_length(parts), 2), pc.is_valid(label))
+    # <class>/<name> below the split folder, in one regex pass (null: deeper, or not under a class)
+    parts = pc.extract_regex(pc.utf8_slice_codeunits(rows.column("path"), len(prefix)),
+                             r"^(?P<cls>[^/]+)/(?P<name>[^/]+)$")
+    label = pc.index_in(pc.struct_field(parts, "cls"), value_set=pa.array(list(layout.classes), pa.string()))
+    keep = pc.and_(pc.is_valid(parts), pc.is_valid(label))
     rows = rows.append_column("label", label.cast(pa.int64())).filter(keep)
     if not len(rows):
         return rows
-    name = pc.list_element(pc.split_pattern(pc.utf8_slice_codeunits(rows.column("path"), len(prefix)), "/",
-                                            max_splits=1), 1)
+    name = pc.struct_field(parts.filter(keep), "name")
     if pc.all(pc.match_substring_regex(name, _ONE_NUMBER)).as_py():
         pieces = pc.extract_regex(name, r"^(?P<a>[^0-9]*)(?P<n>[0-9]+)(?P<b>[^0-9]*)$")
         digits = pc.struct_field(pieces, "n")

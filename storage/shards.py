@@ -22,11 +22,13 @@ from pixelsim.storage.images import decode_members
 from pixelsim.storage.root import Root, sha256_file
 
 META_KEY = b"pixelsim"
-# Which archive members (path, sha256) each shard of a set holds: what a later set of a grown
-# archive matches its members against to reuse whole shards (see tasks.convert.assign). In a
-# "_" subfolder, so `<set>/*.parquet` (DuckDB, Polars, pandas) and dataset readers see only shards.
+# A set's plan: which archive members each of its shards holds, one row group per shard, in
+# the shards' order. Jobs read their rows from it (a row group each) instead of carrying
+# them, and a later set of a grown archive matches its members against it (path and sha256)
+# to reuse whole shards (tasks.convert.assign). In a "_" subfolder, so `<set>/*.parquet`
+# (DuckDB, Polars, pandas) and dataset readers see only shards.
 MEMBERS = "_plan/members.parquet"
-MEMBER_COLUMNS = ("part", "path", "sha256")
+PLAN_COLUMNS = ("part", "path", "label", "sha256", "size", "offset")
 
 
 @dataclass(frozen=True)
@@ -102,19 +104,47 @@ def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: Shar
             "counts": np.bincount(labels, minlength=len(meta.classes)).tolist()}
 
 
-def members_bytes(table: pa.Table) -> bytes:
-    """A set's MEMBERS file (columns MEMBER_COLUMNS), as bytes: deterministic for one table."""
+def plan_bytes(parts: list[tuple[str, pa.Table]]) -> bytes:
+    """A MEMBERS file: each (shard file name, its rows of Member's columns) as one row group.
+    Deterministic for equal input."""
+    schema = pa.schema([("part", pa.string()), ("path", pa.string()), ("label", pa.int64()),
+                        ("sha256", pa.string()), ("size", pa.int64()), ("offset", pa.int64())])
     sink = pa.BufferOutputStream()
-    pq.write_table(table.select(list(MEMBER_COLUMNS)), sink, compression="zstd")
+    with pq.ParquetWriter(sink, schema, compression="zstd") as w:
+        for name, rows in parts:
+            w.write_table(rows.select(list(Member._fields)).add_column(0, "part", pa.repeat(name, len(rows)))
+                          .cast(schema), row_group_size=max(len(rows), 1))
     return sink.getvalue().to_pybytes()
 
 
+def rows_digest(rows: pa.Table) -> str:
+    """The digest of what a shard's rows are made of (paths, labels, sha256s, in order), the
+    same for equal rows wherever they were sliced from."""
+    t = rows.select(["path", "label", "sha256"]).cast(pa.schema([("path", pa.string()), ("label", pa.int64()),
+                                                                  ("sha256", pa.string())]))
+    t = t.take(pa.array(np.arange(len(t)), pa.int64())).combine_chunks()   # fresh buffers: no slice offsets
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+def plan_rows(root: Root, rel: str, group: int, digest: str) -> list[Member]:
+    """One shard's members from its set's MEMBERS file, checked against the digest it was planned with."""
+    with root.open(rel) as f:
+        rows = pq.ParquetFile(f).read_row_group(group, columns=list(Member._fields))
+    if rows_digest(rows) != digest:
+        raise IntegrityError(f"{root.uri(rel)}: row group {group} is not the shard it was planned as "
+                             "(the plan was rewritten or damaged); run again")
+    return [Member(*r) for r in zip(*(rows.column(c).to_pylist() for c in Member._fields))]
+
+
 def parse_members(data: bytes) -> pa.Table:
-    """A MEMBERS file from its bytes (checked against its manifest by the caller)."""
+    """A MEMBERS file's (part, path, sha256), from its bytes (checked against its manifest by the caller)."""
     table = pq.ParquetFile(pa.BufferReader(data)).read()
-    if tuple(table.column_names) != MEMBER_COLUMNS:
-        raise IntegrityError(f"{MEMBERS}: columns {table.column_names}, expected {list(MEMBER_COLUMNS)}")
-    return table.set_column(0, "part", table.column("part").cast(pa.string()))
+    if tuple(table.column_names) != PLAN_COLUMNS:
+        raise IntegrityError(f"{MEMBERS}: columns {table.column_names}, expected {list(PLAN_COLUMNS)}")
+    return table.select(["part", "path", "sha256"])
 
 
 def read_meta(root: Root, rel: str) -> dict:

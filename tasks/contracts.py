@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 from pixelsim.storage import catalog
 from pixelsim.storage.errors import IntegrityError, OptionError
 from pixelsim.storage.root import Root
-from pixelsim.storage.shards import Member
+from pixelsim.storage.shards import Member, plan_rows
 
 METRICS = ("l1", "rmse")
 DEFAULT_ROOT = "pixelsim-data"
@@ -211,8 +211,9 @@ class Tree(Output):
 
 @dataclass(frozen=True)
 class ShardJob:
-    """One shard to build: its members travel as one JSON string of [path, label, sha256, size,
-    offset] rows, because Prefect walks every item of a task's arguments, never a string's."""
+    """One shard to build. Its members are a row group of the set's plan file (MEMBERS), read
+    by the job itself: the job is a few small fields whatever the shard's size, so planning
+    holds no per-image Python objects and Prefect has nothing large to walk or hash."""
 
     root: str
     dir: str
@@ -220,7 +221,8 @@ class ShardJob:
     split: str               # train or valid
     folder: str              # the split's folder in the archive
     file: str
-    members: str
+    plan: str                # the set's MEMBERS file, relative to the root
+    group: int               # this shard's row group in it
     blob: str
     shape: tuple[int, ...]
     classes: tuple[str, ...]
@@ -234,7 +236,7 @@ class ShardJob:
     reuse: str = ""          # JSON of the Part record of an earlier set's shard with exactly these members
 
     def entries(self) -> list[Member]:
-        return [Member(*row) for row in json.loads(self.members)]
+        return plan_rows(Root(self.root), self.plan, self.group, self.digest)
 
 
 @dataclass(frozen=True)
@@ -246,7 +248,7 @@ class ShardPlan:
     shape: tuple[int, ...]
     jobs: tuple[ShardJob, ...]
     pixels: str = ""         # catalog key of what makes pixels and labels (see convert.pixels_key)
-    members: Any = None      # pyarrow Table (part, path, sha256): published as the set's _members.parquet
+    members: dict[str, Any] = field(default_factory=dict)   # the MEMBERS file written: {file, sha256, bytes}
     earlier: str = ""        # the earlier set whose shards the plan reuses, if any
 
 

@@ -26,8 +26,8 @@ from pixelsim.storage.errors import ImageError, IntegrityError, LayoutError, Tra
 from pixelsim.storage.images import decode_members, peek_size
 from pixelsim.storage.layout import Layout, split_rows
 from pixelsim.storage.root import MANIFEST, Root, part_of, publish_parts, sha256_bytes
-from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, members_bytes,
-                                     parse_members)
+from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, parse_members,
+                                     plan_bytes, rows_digest)
 from pixelsim.tasks import pool
 from pixelsim.tasks.bounds import plan_bounds
 from pixelsim.tasks.contracts import Options, Part, ShardJob, ShardPlan, ShardSet, Tree
@@ -194,32 +194,36 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
     rel = catalog.shards_dir(dataset, key)
     pixels = pixels_key(layout.classes, shape, o)
     earlier = earlier_set(Root(tree.root), dataset, pixels, rel)
-    jobs, members = [], []
+    jobs, parts = [], []
+    plan_file = posixpath.join(rel, MEMBERS)
     for role, folder, rows in splits:
         shards = assign(rows, role, earlier, per_shard)
         for i, (source, chunk) in enumerate(shards):
             file = catalog.shard_file(rel, role, i, len(shards))
-            packed, digest = pack_rows(chunk)
             jobs.append(ShardJob(root=tree.root, dir=rel, name=f"convert-{role}-{i:05d}", split=role, folder=folder,
-                                 file=file, members=packed, blob=posixpath.join(tree.dir, BLOB), shape=shape,
-                                 classes=tuple(layout.classes), archive_sha256=tree.archive_sha256,
+                                 file=file, plan=plan_file, group=len(parts), blob=posixpath.join(tree.dir, BLOB),
+                                 shape=shape, classes=tuple(layout.classes), archive_sha256=tree.archive_sha256,
                                  channels=o.channels, resize=bool(o.resize),
                                  draft=bool(o.resize) and not o.exact_resize,
-                                 skip_bad=o.skip_bad > 0, parallel=parallel, digest=digest,
+                                 skip_bad=o.skip_bad > 0, parallel=parallel, digest=rows_digest(chunk),
                                  reuse=json.dumps(source) if source else ""))
-            members.append(chunk.select(["path", "sha256"]).add_column(
-                0, "part", pa.repeat(posixpath.basename(file), len(chunk)).dictionary_encode()))
+            parts.append((posixpath.basename(file), chunk))
+    members = write_plan(Root(tree.root), plan_file, parts)
     return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs), pixels=pixels,
-                     members=pa.concat_tables(members, promote_options="permissive"),
-                     earlier=earlier.dir if earlier and earlier.dir != rel else "")
+                     members=members, earlier=earlier.dir if earlier and earlier.dir != rel else "")
 
 
-def pack_rows(rows: pa.Table) -> tuple[str, str]:
-    """A shard's members (rows of Member's columns) as one JSON string of rows (see ShardJob),
-    and the digest of what its pixels and labels are made of (paths, labels, sha256s)."""
-    cols = [rows.column(c).to_pylist() for c in Member._fields]
-    made_of = json.dumps([cols[Member._fields.index(c)] for c in ("path", "label", "sha256")], separators=(",", ":"))
-    return json.dumps(list(zip(*cols)), separators=(",", ":")), sha256_bytes(made_of.encode())
+def write_plan(r: Root, rel: str, parts: list[tuple[str, pa.Table]]) -> dict:
+    """Write the set's MEMBERS file, which its jobs read their rows from, unless it already holds
+    these bytes (a cached run writes nothing); returns its manifest entry. Written before the
+    jobs run and listed by the manifest written after them, like every file of the set."""
+    data = plan_bytes(parts)
+    entry = {"file": rel, "sha256": sha256_bytes(data), "bytes": len(data)}
+    with contextlib.suppress(OSError):
+        if r.sha256(rel) == (entry["sha256"], entry["bytes"]):
+            return entry
+    r.write_bytes_atomic(rel, data)
+    return entry
 
 
 def convert_shard(job: ShardJob, refresh: bool = False) -> Outcome[Part]:
@@ -313,22 +317,6 @@ def finish_shards(plan: ShardPlan, parts: list[Part], dataset: str, root: str, s
                    sha256={x.file: x.sha256 for x in parts}, skipped=skipped,
                    parts={posixpath.basename(x.file): x.to_dict() for x in parts}, pixels=plan.pixels, reused=reused)
     r = Root(root)
-    members = stage_members(r, plan)
-    digest = publish_parts(r, plan.dir, [x.to_dict() for x in parts] + [members], record=out.record(),
+    digest = publish_parts(r, plan.dir, [x.to_dict() for x in parts] + [plan.members], record=out.record(),
                            rows={posixpath.basename(x.file): x.rows for x in parts})
     return dataclasses.replace(out, digest=digest)
-
-
-def stage_members(r: Root, plan: ShardPlan) -> dict:
-    """Stage the set's MEMBERS file for publication with its shards, unless the published one
-    already holds these bytes (a cached run writes nothing)."""
-    data = members_bytes(plan.members)
-    rel = posixpath.join(plan.dir, MEMBERS)
-    entry = {"file": rel, "sha256": sha256_bytes(data), "bytes": len(data)}
-    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        listed = {f["name"]: f for f in r.read_json(posixpath.join(plan.dir, MANIFEST))["files"]}
-        if (listed[MEMBERS]["sha256"], listed[MEMBERS]["bytes"]) == (entry["sha256"], entry["bytes"]) \
-                and r.sha256(rel) == (entry["sha256"], entry["bytes"]):
-            return entry
-    r.write_bytes_atomic(rel, data)   # not a part: the manifest written next is what vouches for it
-    return entry

@@ -92,7 +92,8 @@ def test_other_pixel_options_never_share_shards(folder, tmp_path, decoded):
 
 
 def rows(paths: list[str], sha: str = "s") -> pa.Table:
-    return pa.table({"path": paths, "sha256": [sha] * len(paths), "label": [0] * len(paths)})
+    n = len(paths)
+    return pa.table({"path": paths, "label": [0] * n, "sha256": [sha] * n, "size": [1] * n, "offset": [0] * n})
 
 
 def earlier(parts: dict[str, list[str]]) -> Earlier:
@@ -116,3 +117,29 @@ def test_assign_reuses_whole_intact_shards_and_cuts_the_rest_in_order():
     assert [s for s, _ in other] == [None]
     assert [s for s, _ in assign(rows(list("abcd")), "valid", old, 4)] == [None]   # another split's shards
     assert [s for s, _ in assign(rows(list("abcdefgh")), "train", old, 3)] == [None] * 3   # too big for --shard-size 3
+
+
+def test_a_damaged_plan_file_is_rewritten_and_no_shard_is_decoded_again(folder, tmp_path, decoded):
+    root = str(tmp_path / "root")
+    first = plain_pipeline(root, folder, shard_size=100)
+    plan = Path(root) / first.outputs.shards.dir / "_plan" / "members.parquet"
+    data = bytearray(plan.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    plan.write_bytes(bytes(data))
+    decoded.clear()
+    again = plain_pipeline(root, folder, shard_size=100)
+    assert decoded == [] and again.report == first.report and again.cached["convert"]
+    assert plan.read_bytes() != bytes(data)
+
+
+def test_a_job_never_takes_rows_other_than_those_it_was_planned_with(tmp_path):
+    from pixelsim.storage.errors import IntegrityError
+    from pixelsim.storage.root import Root
+    from pixelsim.storage.shards import plan_rows, rows_digest
+    from pixelsim.tasks.convert import write_plan
+    r = Root(str(tmp_path))
+    a, b = rows(list("ab")), rows(list("cd"))
+    write_plan(r, "p.parquet", [("train-0", a), ("train-1", b)])
+    assert [m.path for m in plan_rows(r, "p.parquet", 1, rows_digest(b))] == ["c", "d"]
+    with pytest.raises(IntegrityError, match="row group 0 is not the shard it was planned as"):
+        plan_rows(r, "p.parquet", 0, rows_digest(b))
