@@ -17,11 +17,11 @@ from pixelsim.flows.runners import RETRIES, Runner
 from pixelsim.storage.errors import DownloadError, MemberChanged, PixelsimError
 from pixelsim.storage.fetch import redact
 from pixelsim.storage.history import record_run
-from pixelsim.storage.layout import Layout, find_layout, layout_paths
+from pixelsim.storage.layout import Layout
 from pixelsim.storage.root import Root
 from pixelsim.storage.sources import fingerprint
 from pixelsim.tasks.contracts import Archive, Evaluation, Options, Report, Request, ShardSet, Templates, Tree
-from pixelsim.tasks.convert import convert_shard, finish_shards, plan_shards, tree_index
+from pixelsim.tasks.convert import convert_shard, finish_shards, plan_shards
 from pixelsim.tasks.download import download_archive, in_root
 from pixelsim.tasks.evaluate import evaluate_shard, finish_evaluation, plan_evaluation
 from pixelsim.tasks.report import write_report
@@ -102,10 +102,7 @@ def run_pipeline(request: Request, runner: Runner) -> RunResult:
 
 def convert(runner: Runner, tree: Tree, dataset: str, o: Options) -> tuple[ShardSet, Layout]:
     """The convert step: find the layout, plan the shards, build them (mapped), publish the set."""
-    index, folders = tree_index(tree)
-    layout = find_layout(layout_paths(index), folders=folders, train_split=o.train_split,
-                         valid_split=o.valid_split, classes=list(o.classes) if o.classes else None)
-    plan = plan_shards(tree, layout, dataset, o, index)
+    plan = plan_shards(tree, dataset, o)
     shards = finish_shards(plan, runner.map("convert", convert_shard, plan.jobs), dataset, tree.root, o.skip_bad)
     if shards.reused and not runner.cached.get("convert"):
         runner.log.info("reused %d shard(s), %d of %d images, from %s (same images by path and sha256); decoded "
@@ -114,7 +111,7 @@ def convert(runner: Runner, tree: Tree, dataset: str, o: Options) -> tuple[Shard
     if shards.skipped:
         runner.log.warning("skipped %d bad image file(s) (--skip-bad %d):\n  %s", len(shards.skipped), o.skip_bad,
                            "\n  ".join(shards.skipped))
-    return shards, layout
+    return shards, plan.layout
 
 
 def evaluate(runner: Runner, shards: ShardSet, templates: Templates, device: str) -> Evaluation:

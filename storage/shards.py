@@ -141,10 +141,10 @@ def plan_rows(root: Root, rel: str, group: int, digest: str) -> list[Member]:
 
 def parse_members(data: bytes) -> pa.Table:
     """A MEMBERS file's (part, path, sha256), from its bytes (checked against its manifest by the caller)."""
-    table = pq.ParquetFile(pa.BufferReader(data)).read()
-    if tuple(table.column_names) != PLAN_COLUMNS:
-        raise IntegrityError(f"{MEMBERS}: columns {table.column_names}, expected {list(PLAN_COLUMNS)}")
-    return table.select(["part", "path", "sha256"])
+    f = pq.ParquetFile(pa.BufferReader(data))
+    if tuple(f.schema_arrow.names) != PLAN_COLUMNS:
+        raise IntegrityError(f"{MEMBERS}: columns {f.schema_arrow.names}, expected {list(PLAN_COLUMNS)}")
+    return f.read(columns=["part", "path", "sha256"])
 
 
 def read_meta(root: Root, rel: str) -> dict:

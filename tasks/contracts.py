@@ -16,6 +16,7 @@ from typing import Any, ClassVar, TypeVar
 from pixelsim.storage import catalog
 from pixelsim.storage.errors import IntegrityError, OptionError
 from pixelsim.storage.root import Root
+from pixelsim.storage.layout import Layout
 from pixelsim.storage.shards import Member, plan_rows
 
 METRICS = ("l1", "rmse")
@@ -247,6 +248,7 @@ class ShardPlan:
     classes: tuple[str, ...]
     shape: tuple[int, ...]
     jobs: tuple[ShardJob, ...]
+    layout: Layout | None = None   # where the splits and classes were found (its notes go in the report)
     pixels: str = ""         # catalog key of what makes pixels and labels (see convert.pixels_key)
     members: dict[str, Any] = field(default_factory=dict)   # the MEMBERS file written: {file, sha256, bytes}
     earlier: str = ""        # the earlier set whose shards the plan reuses, if any

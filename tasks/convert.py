@@ -24,7 +24,7 @@ from pixelsim.storage.archive import BLOB, INDEX, read_index
 from pixelsim.storage.cache import Outcome, load_part, record_part, reuse_or_build
 from pixelsim.storage.errors import ImageError, IntegrityError, LayoutError, TransientError
 from pixelsim.storage.images import decode_members, peek_size
-from pixelsim.storage.layout import Layout, split_rows
+from pixelsim.storage.layout import find_layout, layout_paths, split_rows
 from pixelsim.storage.root import MANIFEST, Root, part_of, publish_parts, sha256_bytes
 from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, parse_members,
                                      plan_bytes, rows_digest)
@@ -139,10 +139,10 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) 
     if not len(old):
         return cut(rows)
 
-    def key(t: pa.Table) -> pa.ChunkedArray:
-        return pc.binary_join_element_wise(t.column("path"), t.column("sha256"), "\x00")
-
-    part = old.column("part").take(pc.index_in(key(rows), value_set=key(old)))
+    # each row's earlier shard: by path (paths are unique), kept only if the bytes are the same
+    at = pc.index_in(rows.column("path"), value_set=old.column("path"))
+    same = pc.equal(old.column("sha256").take(at), rows.column("sha256"))
+    part = pc.if_else(same, old.column("part").take(at), pa.scalar(None, pa.string()))
     need = {d["values"]: d["counts"] for d in pc.value_counts(old.column("part")).to_pylist()}
     have = {d["values"]: d["counts"] for d in pc.value_counts(part.drop_null()).to_pylist()}
     keep = sorted(n for n, c in need.items()
@@ -158,26 +158,28 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) 
     return out + cut(rows.slice(starts[-2]))
 
 
-def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
-                index: pa.Table | None = None) -> ShardPlan:
-    """Split both splits' files into shards; fix the image shape from the training images, and
-    from it the images per shard and the run's memory bound (tasks.bounds).
+def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
+    """Find the layout, split both splits' files into shards, fix the image shape from the
+    training images, and from it the images per shard and the run's memory bound (tasks.bounds).
 
-    Each job lists its members with their digests, and its file name follows from the folder's
-    key (the tree's digest, the layout and the options that shape pixels); a part already built
-    for that name is reused only if it was built from the same members (`ShardJob.digest`).
-    Shards of an earlier set with the same pixels key are reused whole where their members are
-    unchanged (`assign`). Selection and order are Arrow work; only one shard's rows at a time
-    become Python objects (its job's JSON). `index` is `tree_index`'s table when already read.
+    A job names its row group of the set's plan file and the digest of its rows; its file name
+    follows from the folder's key (the tree's digest, the layout and the options that shape
+    pixels), and a part already built for that name is reused only if it was built from the
+    same rows (`ShardJob.digest`). Shards of an earlier set with the same pixels key are reused
+    whole where their members are unchanged (`assign`). Selection and order are Arrow work; no
+    Python object per image is made, and the unpacked index is let go once the splits are cut.
     """
-    index = index if index is not None else tree_index(tree)[0]
     o = options
+    index, folders = tree_index(tree)
+    layout = find_layout(layout_paths(index), folders=folders, train_split=o.train_split,
+                         valid_split=o.valid_split, classes=list(o.classes) if o.classes else None)
     splits = []
     for role, folder in zip(SPLITS, (layout.train, layout.valid)):
         rows = split_rows(index, layout, folder).select(list(Member._fields))
         if not len(rows):
             raise LayoutError(f"split {folder}/ holds no images of classes {', '.join(layout.classes)}")
         splits.append((role, folder, rows))
+    del index   # the splits' rows are copies: the whole index need not outlive them
     if o.resize:
         shape = tuple(o.resize)
     else:
@@ -186,9 +188,10 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
         picked = train.take(pa.array(range(0, len(train), step), pa.int64())).slice(0, SIZE_SAMPLE)
         shape = tuple(common_size(tree, [Member(**r) for r in picked.to_pylist()]))
     shape += (3,) if o.channels == 3 else ()
-    parallel = len(index) >= POOL_MIN_IMAGES
     # before any decoding: images per shard by pixel bytes too, and the run's peak memory checked
-    per_shard = plan_bounds(shape, len(layout.classes), o.shard_size, pool.workers() if parallel else 1).shard_images
+    images = sum(len(rows) for _, _, rows in splits)
+    processes = pool.workers() if images >= POOL_MIN_IMAGES else 1
+    per_shard = plan_bounds(shape, len(layout.classes), o.shard_size, processes).shard_images
     key = catalog.step_key("convert", VERSION, tree.digest, layout.to_dict(), per_shard, o.channels,
                            list(o.resize) if o.resize else None, *(["exact"] if o.resize and o.exact_resize else []))
     rel = catalog.shards_dir(dataset, key)
@@ -196,8 +199,11 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
     earlier = earlier_set(Root(tree.root), dataset, pixels, rel)
     jobs, parts = [], []
     plan_file = posixpath.join(rel, MEMBERS)
-    for role, folder, rows in splits:
-        shards = assign(rows, role, earlier, per_shard)
+    cuts = [(role, folder, assign(rows, role, earlier, per_shard)) for role, folder, rows in splits]
+    del splits
+    # the pool pays for itself by the images to decode, not those an earlier set already holds
+    parallel = sum(len(chunk) for _, _, shards in cuts for source, chunk in shards if source is None) >= POOL_MIN_IMAGES
+    for role, folder, shards in cuts:
         for i, (source, chunk) in enumerate(shards):
             file = catalog.shard_file(rel, role, i, len(shards))
             jobs.append(ShardJob(root=tree.root, dir=rel, name=f"convert-{role}-{i:05d}", split=role, folder=folder,
@@ -209,8 +215,8 @@ def plan_shards(tree: Tree, layout: Layout, dataset: str, options: Options,
                                  reuse=json.dumps(source) if source else ""))
             parts.append((posixpath.basename(file), chunk))
     members = write_plan(Root(tree.root), plan_file, parts)
-    return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs), pixels=pixels,
-                     members=members, earlier=earlier.dir if earlier and earlier.dir != rel else "")
+    return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs), layout=layout,
+                     pixels=pixels, members=members, earlier=earlier.dir if earlier and earlier.dir != rel else "")
 
 
 def write_plan(r: Root, rel: str, parts: list[tuple[str, pa.Table]]) -> dict:
