@@ -73,6 +73,14 @@ def shard_file(folder: str, split: str, index: int, count: int) -> str:
     return posixpath.join(folder, f"{split}-{index:05d}-of-{count:05d}.parquet")
 
 
+_SHARD_NAME = re.compile(r"[a-z]+-\d{5,}-of-\d{5,}\.parquet")
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a name read from a manifest is a shard file name as `shard_file` makes them (never a path)."""
+    return _SHARD_NAME.fullmatch(name) is not None
+
+
 def predictions_file(folder: str, shard: str) -> str:
     return posixpath.join(folder, f"predictions-{posixpath.basename(shard).removesuffix('.parquet')}.parquet")
 

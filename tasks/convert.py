@@ -146,7 +146,8 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) 
     need = {d["values"]: d["counts"] for d in pc.value_counts(old.column("part")).to_pylist()}
     have = {d["values"]: d["counts"] for d in pc.value_counts(part.drop_null()).to_pylist()}
     keep = sorted(n for n, c in need.items()
-                  if have.get(n) == c and shard_size >= c and c * REUSE_MIN >= shard_size and n in earlier.parts)
+                  if have.get(n) == c and shard_size >= c and c * REUSE_MIN >= shard_size and n in earlier.parts
+                  and catalog.is_shard_name(n))   # a plain file name of the earlier folder, nothing else
     group = pc.fill_null(pc.index_in(part, value_set=pa.array(keep, pa.string())), len(keep))
     order = pc.sort_indices(pa.table({"g": group, "i": pa.array(np.arange(len(rows)))}),
                             sort_keys=[("g", "ascending"), ("i", "ascending")])

@@ -105,18 +105,21 @@ def earlier(parts: dict[str, list[str]]) -> Earlier:
 
 
 def test_assign_reuses_whole_intact_shards_and_cuts_the_rest_in_order():
-    old = earlier({"train-00000": ["a", "b", "c", "d"], "train-00001": ["e", "f", "g", "h"], "train-00002": ["i"]})
+    t0, t1, t2 = (f"train-0000{i}-of-00003.parquet" for i in range(3))
+    old = earlier({t0: ["a", "b", "c", "d"], t1: ["e", "f", "g", "h"], t2: ["i"]})
     cut = assign(rows(list("abcdefghijk")), "train", old, 5)
     assert [(s and s["file"], t.column("path").to_pylist()) for s, t in cut] == [
-        ("shards/d/old/train-00000", list("abcd")), ("shards/d/old/train-00001", list("efgh")),
+        (f"shards/d/old/{t0}", list("abcd")), (f"shards/d/old/{t1}", list("efgh")),
         (None, list("ijk"))]                      # the 1-image tail is folded into the new shard
     gone = assign(rows(list("abcefghx")), "train", old, 5)          # d removed: its shard is cut again
     assert [(s and s["file"], t.column("path").to_pylist()) for s, t in gone] == [
-        ("shards/d/old/train-00001", list("efgh")), (None, list("abcx"))]
+        (f"shards/d/old/{t1}", list("efgh")), (None, list("abcx"))]
     other = assign(rows(list("abcd"), sha="t"), "train", old, 4)    # same paths, other bytes
     assert [s for s, _ in other] == [None]
     assert [s for s, _ in assign(rows(list("abcd")), "valid", old, 4)] == [None]   # another split's shards
     assert [s for s, _ in assign(rows(list("abcdefgh")), "train", old, 3)] == [None] * 3   # too big for --shard-size 3
+    hostile = earlier({"train-../../x.parquet": list("abcd")})   # a manifest's name is never taken as a path
+    assert [s for s, _ in assign(rows(list("abcd")), "train", hostile, 4)] == [None]
 
 
 def test_a_damaged_plan_file_is_rewritten_and_no_shard_is_decoded_again(folder, tmp_path, decoded):
