@@ -27,7 +27,7 @@ RETRY_DELAY_S = 1.0  # doubled on each retry, with jitter
 
 # OS errors that no retry can mend: a missing file, no permission, a read-only or full disk
 PERMANENT_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-                    errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL}
+                    errno.EFBIG, errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EINVAL}
 
 
 def is_transient(error: BaseException) -> bool:

@@ -681,14 +681,19 @@ def pack(archive: str | os.PathLike[str], folder: str | os.PathLike[str], *, cap
     it is as queryable as the shards; `folder` is a staging folder its caller publishes.
     """
     archive, folder = os.fspath(archive), os.fspath(folder)
-    with open(os.path.join(folder, BLOB), "wb", buffering=_CHUNK) as out:
-        w = _Packer(archive, out, os.path.join(folder, INDEX), caps)
-        try:
-            _read(archive, w)
-            w.finish()
-        finally:
-            if w.index.is_open:
-                w.index.close()
+    try:
+        with open(os.path.join(folder, BLOB), "wb", buffering=_CHUNK) as out:
+            w = _Packer(archive, out, os.path.join(folder, INDEX), caps)
+            try:
+                _read(archive, w)
+                w.finish()
+            finally:
+                if w.index.is_open:
+                    w.index.close()
+    except OSError as e:   # read errors became ArchiveErrors in _guard: this is the writing side
+        if e.filename or isinstance(e, ArchiveError):
+            raise
+        raise OSError(e.errno, e.strerror or str(e), folder) from e
     return Packed(files=w.files, bytes=w.offset, sha256=w.blob_hash.hexdigest(), dirs=sorted(w.dirs))
 
 

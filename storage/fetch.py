@@ -151,8 +151,8 @@ class _Part:
     """The partial file plus hashes that always describe exactly its bytes, so resume is free."""
 
     def __init__(self, fh: BinaryIO, url: str, pins: Pins,
-                 progress: Callable[[int, int | None], None] | None = None):
-        self.fh, self.url, self.pins, self.progress = fh, url, pins, progress
+                 progress: Callable[[int, int | None], None] | None = None, path: str = ""):
+        self.fh, self.url, self.pins, self.progress, self.path = fh, url, pins, progress, path
         self.total = pins.size
         self.limit = max_bytes()
         self.reset()
@@ -183,7 +183,11 @@ class _Part:
         if self.n < HEAD:
             self.md5.update(chunk[: HEAD - self.n])
         self.sha.update(chunk)
-        self.fh.write(chunk)
+        try:
+            self.fh.write(chunk)
+        except OSError as e:   # the write side: the root's disk, not the source, is at fault
+            raise DownloadError(self.url, f"cannot write {self.path or 'the download'} after "
+                                          f"{self.n:,} bytes: {e.strerror or e}") from e
         self.n += len(chunk)
         if self.progress:
             self.progress(self.n, self.total)
@@ -353,7 +357,7 @@ def fetch(url: str, dest: str | os.PathLike[str], *, pins: Pins | None = None, a
     is_http = urlsplit(url).scheme.lower() in ("http", "https")
     try:
         with os.fdopen(fd, "wb+") as fh:
-            part = _Part(fh, shown, pins, progress or progress_hook)
+            part = _Part(fh, shown, pins, progress or progress_hook, path=dest)
             client = httpx.Client(timeout=timeout, follow_redirects=False) if is_http else None
             with client or contextlib.nullcontext():
                 for i in range(attempts):

@@ -94,3 +94,25 @@ def test_a_prefect_api_that_goes_away_mid_run_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "command", lambda args: 1 / 0)   # anything else is a bug: its traceback is kept
     with pytest.raises(ZeroDivisionError):
         cli._main(["run"])
+
+
+@pytest.mark.parametrize("limit,step", [(200_000, "archives"), (3_500_000, "extracted")])
+def test_a_full_disk_is_one_line_naming_where_and_never_retried(cli, limit, step):
+    """A file size limit (RLIMIT_FSIZE: EFBIG, as ENOSPC or EDQUOT would be) hit while the
+    download or the unpacking writes into the root."""
+    import resource
+    import signal
+
+    from conftest import SAMPLE
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run([PIXELSIM, "run", "--source", str(SAMPLE), "--root", str(cli.root)], env=cli.env,
+                       capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+    assert p.returncode == 1, p.stderr
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("pixelsim: error: ") and f"{cli.root}/{step}/" in last and "File too large" in last
+    assert "Retry" not in p.stderr and "Traceback" not in p.stderr
+    assert not (cli.root / step).exists() or not any((cli.root / step).iterdir())   # nothing half-written left
