@@ -18,6 +18,7 @@ from pixelsim.storage.errors import ChecksumError, TransientDownloadError
     (PermissionError(errno.EACCES, "Permission denied", "/x"), False),
     (OSError(errno.ENOSPC, "No space left on device"), False),
     (OSError(errno.EROFS, "Read-only file system"), False),
+    (OSError(errno.EFBIG, "File too large"), False),
     (ChecksumError("u", "sha256 differs"), False),
     (ConnectionResetError(errno.ECONNRESET, "reset"), True),
     (TimeoutError("slow"), True),
