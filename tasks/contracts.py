@@ -250,8 +250,7 @@ class ShardPlan:
     jobs: tuple[ShardJob, ...]
     layout: Layout | None = None   # where the splits and classes were found (its notes go in the report)
     pixels: str = ""         # catalog key of what makes pixels and labels (see convert.pixels_key)
-    members: dict[str, Any] = field(default_factory=dict)   # the MEMBERS file written: {file, sha256, bytes}
-    earlier: str = ""        # the earlier set whose shards the plan reuses, if any
+    plan_file: dict[str, Any] = field(default_factory=dict)   # the MEMBERS file written: {file, sha256, bytes}
 
 
 @dataclass(frozen=True)

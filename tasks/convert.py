@@ -215,9 +215,8 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
                                  skip_bad=o.skip_bad > 0, parallel=parallel, digest=rows_digest(chunk),
                                  reuse=json.dumps(source) if source else ""))
             parts.append((posixpath.basename(file), chunk))
-    members = write_plan(Root(tree.root), plan_file, parts)
     return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs), layout=layout,
-                     pixels=pixels, members=members, earlier=earlier.dir if earlier and earlier.dir != rel else "")
+                     pixels=pixels, plan_file=write_plan(Root(tree.root), plan_file, parts))
 
 
 def write_plan(r: Root, rel: str, parts: list[tuple[str, pa.Table]]) -> dict:
@@ -324,6 +323,6 @@ def finish_shards(plan: ShardPlan, parts: list[Part], dataset: str, root: str, s
                    sha256={x.file: x.sha256 for x in parts}, skipped=skipped,
                    parts={posixpath.basename(x.file): x.to_dict() for x in parts}, pixels=plan.pixels, reused=reused)
     r = Root(root)
-    digest = publish_parts(r, plan.dir, [x.to_dict() for x in parts] + [plan.members], record=out.record(),
+    digest = publish_parts(r, plan.dir, [x.to_dict() for x in parts] + [plan.plan_file], record=out.record(),
                            rows={posixpath.basename(x.file): x.rows for x in parts})
     return dataclasses.replace(out, digest=digest)
