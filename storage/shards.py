@@ -28,7 +28,8 @@ META_KEY = b"pixelsim"
 # to reuse whole shards (tasks.convert.assign). In a "_" subfolder, so `<set>/*.parquet`
 # (DuckDB, Polars, pandas) and dataset readers see only shards.
 MEMBERS = "_plan/members.parquet"
-PLAN_COLUMNS = ("part", "path", "label", "sha256", "size", "offset")
+PLAN_SCHEMA = pa.schema([("part", pa.string()), ("path", pa.string()), ("label", pa.int64()),
+                         ("sha256", pa.string()), ("size", pa.int64()), ("offset", pa.int64())])
 
 
 @dataclass(frozen=True)
@@ -107,21 +108,19 @@ def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: Shar
 def plan_bytes(parts: list[tuple[str, pa.Table]]) -> bytes:
     """A MEMBERS file: each (shard file name, its rows of Member's columns) as one row group.
     Deterministic for equal input."""
-    schema = pa.schema([("part", pa.string()), ("path", pa.string()), ("label", pa.int64()),
-                        ("sha256", pa.string()), ("size", pa.int64()), ("offset", pa.int64())])
     sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, schema, compression="zstd") as w:
+    with pq.ParquetWriter(sink, PLAN_SCHEMA, compression="zstd") as w:
         for name, rows in parts:
             w.write_table(rows.select(list(Member._fields)).add_column(0, "part", pa.repeat(name, len(rows)))
-                          .cast(schema), row_group_size=max(len(rows), 1))
+                          .cast(PLAN_SCHEMA), row_group_size=max(len(rows), 1))
     return sink.getvalue().to_pybytes()
 
 
 def rows_digest(rows: pa.Table) -> str:
     """The digest of what a shard's rows are made of (paths, labels, sha256s, in order), the
     same for equal rows wherever they were sliced from."""
-    t = rows.select(["path", "label", "sha256"]).cast(pa.schema([("path", pa.string()), ("label", pa.int64()),
-                                                                  ("sha256", pa.string())]))
+    made_of = ["path", "label", "sha256"]
+    t = rows.select(made_of).cast(pa.schema([PLAN_SCHEMA.field(c) for c in made_of]))
     t = t.take(pa.array(np.arange(len(t)), pa.int64())).combine_chunks()   # fresh buffers: no slice offsets
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, t.schema) as w:
@@ -142,8 +141,8 @@ def plan_rows(root: Root, rel: str, group: int, digest: str) -> list[Member]:
 def parse_members(data: bytes) -> pa.Table:
     """A MEMBERS file's (part, path, sha256), from its bytes (checked against its manifest by the caller)."""
     f = pq.ParquetFile(pa.BufferReader(data))
-    if tuple(f.schema_arrow.names) != PLAN_COLUMNS:
-        raise IntegrityError(f"{MEMBERS}: columns {f.schema_arrow.names}, expected {list(PLAN_COLUMNS)}")
+    if f.schema_arrow.names != PLAN_SCHEMA.names:
+        raise IntegrityError(f"{MEMBERS}: columns {f.schema_arrow.names}, expected {PLAN_SCHEMA.names}")
     return f.read(columns=["part", "path", "sha256"])
 
 
