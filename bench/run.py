@@ -28,6 +28,15 @@ def vmhwm(pid: int | str = "self") -> float:
     return 0.0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def peak_rss_mb() -> float:
     """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss, nor wait4's: Linux carries
     the spawning parent's peak into a child started by vfork+exec, as subprocess does, so those
@@ -179,6 +188,7 @@ def w_step(p: dict) -> dict:
         from pixelsim.tasks import pool
         procs = getattr(pool._pool, "_processes", None) or {}   # the shard-building workers, still up
         t["workers_rss_mb"] = sum(vmhwm(pid) for pid in procs)
+        t["cpu"] += sum(cpu_s(pid) for pid in procs)   # still running, so not yet in RUSAGE_CHILDREN
         t["reused_images"] = out.reused.get("images", 0)
     elif name == "templates":
         shards = ShardSet.load(root, p["shards"])
