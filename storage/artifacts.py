@@ -101,14 +101,10 @@ def confusion_entry(classes: list[str], matrix: np.ndarray) -> dict:
     return {"confusion_pairs": [[classes[i], classes[j], n] for i, j, n in found]}
 
 
-def mistakes(metric: dict, classes: list[str], top: int = TOP_CONFUSIONS) -> list[tuple[str, str, int]]:
-    """The most frequent (true, predicted, images) mistakes of a report's metric."""
-    if "confusion_pairs" in metric:
-        pairs = metric["confusion_pairs"]
-    else:
-        pairs = sorted(((classes[i], classes[j], n) for i, row in enumerate(metric["confusion"])
-                        for j, n in enumerate(row) if n), key=lambda c: -c[2])
-    return [tuple(p) for p in pairs if p[0] != p[1]][:top]
+def mistakes(metric: dict, top: int = TOP_CONFUSIONS) -> list[tuple[str, str, int]]:
+    """The most frequent (true, predicted, images) mistakes of a report's metric kept as
+    `confusion_pairs` (see confusion_entry)."""
+    return [tuple(p) for p in metric["confusion_pairs"] if p[0] != p[1]][:top]
 
 
 def cells(matrix: np.ndarray) -> list[list[int]]:

@@ -239,14 +239,14 @@ def render_report(report: dict, pictures: dict) -> str:
 
     out += ["<h2>Templates</h2>", '<p class="muted">The mean of every training image of a class.</p>',
             '<div class="templates">']
-    for t in pictures["templates"][:MAX_PICTURES]:
+    for t in pictures["templates"]:
         c = t["class"]
         out.append(f'<figure>{_img(t["png"], t["size"], 112, f"template of class {c}", "template")}'
                    f'<figcaption><b>{_e(c)}</b> <span class="muted">({counts["train"].get(c, 0)} images)'
                    f"</span></figcaption></figure>")
     out.append("</div>")
-    if pictures.get("template_count", 0) > MAX_PICTURES:
-        out.append(f'<p class="muted">The first {MAX_PICTURES} of {pictures["template_count"]} classes; every '
+    if pictures.get("template_count", 0) > len(pictures["templates"]):
+        out.append(f'<p class="muted">The first {len(pictures["templates"])} of {pictures["template_count"]} classes; every '
                    f'template is a PNG in <span class="mono">{_e(report["artifacts"]["templates"])}</span>.</p>')
     heat = pictures["heatmap"]
     (r0, r1), (c0, c1) = heat["rows"], heat["cols"]
@@ -268,7 +268,7 @@ def render_report(report: dict, pictures: dict) -> str:
                 *(['<h3>Confusion <span class="muted">(rows true, columns predicted)</span></h3>',
                    _confusion(classes, metrics[n]["confusion"])] if "confusion" in metrics[n] else
                   [f'<h3>The most frequent mistakes <span class="muted">({len(classes)} classes: the whole matrix '
-                   f'is in confusion-{_e(n)}.csv)</span></h3>', _mistakes(mistakes(metrics[n], classes))]),
+                   f'is in confusion-{_e(n)}.csv)</span></h3>', _mistakes(mistakes(metrics[n]))]),
                 f'<h3>The {len(worst)} most confidently wrong <span class="muted">(smallest {_e(n)} distance '
                 f"to the wrong template)</span></h3>", _gallery(worst, n)]
 

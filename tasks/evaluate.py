@@ -154,9 +154,10 @@ def evaluate_shard(job: EvalJob, refresh: bool = False) -> Outcome[Part]:
 def finish_evaluation(plan: EvalPlan, templates: Templates, parts: list[Part]) -> Evaluation:
     """Sum the shards' confusion matrices into metrics; publish _metrics.json and the manifest."""
     r, classes = Root(templates.root), list(templates.classes)
-    metrics = {m: accuracy(dense([c for x in parts for c in x.confusion[m]], len(classes))) for m in METRICS}
+    matrices = {m: dense([c for x in parts for c in x.confusion[m]], len(classes)) for m in METRICS}
+    metrics = {m: accuracy(matrix) for m, matrix in matrices.items()}
     if len(classes) > MAX_MATRIX:   # the records grow with the images, not the square of the classes
-        metrics = {m: {**{k: v for k, v in a.items() if k != "confusion"}, "cells": cells(np.array(a["confusion"]))}
+        metrics = {m: {**{k: v for k, v in a.items() if k != "confusion"}, "cells": cells(matrices[m])}
                    for m, a in metrics.items()}
     body = json.dumps({"classes": classes, "metrics": metrics}, indent=2).encode()
     metrics_rel = catalog.metrics_file(plan.dir)

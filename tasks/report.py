@@ -86,7 +86,7 @@ def render_markdown(report: dict) -> str:
             out += ["", f"## Most frequent mistakes ({n})", "",
                     f"{len(classes)} classes: the whole matrix is in `confusion-{n}.csv`.", "",
                     _table(["true", "predicted", "images"],
-                           [[md(t), md(p), k] for t, p, k in mistakes(metrics[n], classes)])]
+                           [[md(t), md(p), k] for t, p, k in mistakes(metrics[n])])]
     if report["notes"]:
         out += ["", "## Notes", "", *[f"- {md(n)}" for n in report["notes"]]]
     if report.get("skipped"):
