@@ -691,7 +691,7 @@ def pack(archive: str | os.PathLike[str], folder: str | os.PathLike[str], *, cap
                 if w.index.is_open:
                     w.index.close()
     except OSError as e:   # read errors became ArchiveErrors in _guard: this is the writing side
-        if e.filename or isinstance(e, ArchiveError):
+        if e.filename:
             raise
         raise OSError(e.errno, e.strerror or str(e), folder) from e
     return Packed(files=w.files, bytes=w.offset, sha256=w.blob_hash.hexdigest(), dirs=sorted(w.dirs))
