@@ -164,6 +164,32 @@ def _pax(data: bytes) -> dict[str, str]:
     return records
 
 
+_OCTAL = 8 ** np.arange(10, -1, -1, dtype=np.int64)
+_USTAR = np.frombuffer(b"ustar\0", np.uint8)
+
+
+def _octal_digits(field: np.ndarray) -> np.ndarray:
+    return ((field >= 0x30) & (field <= 0x37)).all(1)
+
+
+def _plain_sizes(buf: bytes, pos: int) -> list[int]:
+    """For each whole block from buf[pos]: the member size if it is a plain header, else -1.
+
+    Plain: a regular file (type "0"), checksum written as "%06o\\0 " and right (unsigned),
+    size as 11 octal digits and a NUL, no ustar name prefix: what tarfile, GNU tar and
+    libarchive write for a short name. Every other block is left to `_Source.next`.
+    """
+    n = (len(buf) - pos) >> 9
+    a = np.frombuffer(buf, np.uint8, n << 9, pos).reshape(n, _BLOCK)
+    total = a.sum(1, dtype=np.int64) - a[:, 148:156].sum(1, dtype=np.int64) + 256
+    chk, size = a[:, 148:154], a[:, 124:135]
+    ok = ((a[:, 156] == 0x30) & _octal_digits(chk) & (a[:, 154] == 0) & (a[:, 155] == 0x20)
+          & _octal_digits(size) & (a[:, 135] == 0)
+          & ((a[:, 345] == 0) | ~(a[:, 257:263] == _USTAR).all(1)))
+    ok &= (chk.astype(np.int64) - 0x30) @ _OCTAL[5:] == total
+    return np.where(ok, (size.astype(np.int64) - 0x30) @ _OCTAL, -1).tolist()
+
+
 class _Source:
     """A strict streaming tar reader over the decompressed stream.
 
@@ -181,6 +207,8 @@ class _Source:
         self.buf, self.pos, self.base = b"", 0, 0  # buf[pos:] is unread; buf[0] is at offset base
         self.sums: list[int] = []  # unsigned checksums of the blocks from buf[sums_at], 512 apart
         self.sums_at = 0
+        self.sizes: list[int] = []  # per block from buf[sizes_at]: its size if a plain header, else -1
+        self.sizes_at = 0
         self.name, self.left, self.pad = "", 0, 0  # the current member and its unread data
         self.end = 0  # where the end-of-archive marker starts (or the stream stopped)
 
@@ -205,7 +233,7 @@ class _Source:
             if not more:
                 return False
             self.base += self.pos
-            self.buf, self.pos, self.sums = self.buf[self.pos:] + more, 0, []
+            self.buf, self.pos, self.sums, self.sizes = self.buf[self.pos:] + more, 0, [], []
         return True
 
     def skip(self, n: int) -> None:
@@ -230,6 +258,41 @@ class _Source:
         k = min(n, left, len(buf) - pos)
         self.pos, self.left = pos + k, left - k
         return buf[pos:pos + k]
+
+    def batch(self) -> list[tuple[str, memoryview]]:
+        """The plain members wholly in the buffer from here: (name, data) per ustar or V7
+        regular file whose header is written the usual way, with its data and padding read.
+
+        Per-member Python is most of untar's time for datasets of tiny images, so these
+        headers are parsed in one loop. Anything else (extended headers, prefixes, other
+        types, odd fields, a member cut by the buffer's end) ends the batch and goes through
+        `next`, which checks it fully.
+        """
+        out: list[tuple[str, memoryview]] = []
+        if self.left:
+            return out
+        buf, pos = self.buf, self.pos
+        end = len(buf)
+        if self.pad:
+            if end - pos < self.pad:
+                return out
+            pos, self.pad = pos + self.pad, 0
+        view = memoryview(buf)
+        if not 0 <= pos - self.sizes_at < len(self.sizes) << 9:
+            self.sizes, self.sizes_at = _plain_sizes(buf, pos), pos
+        sizes, at, allowed = self.sizes, self.sizes_at, 0
+        while end - pos >= _BLOCK:
+            size = sizes[(pos - at) >> 9]
+            start = pos + _BLOCK
+            if size < 0 or start + size + (-size % _BLOCK) > end:
+                break
+            z = buf.find(0, pos, pos + 100)
+            out.append((buf[pos:z if z >= 0 else pos + 100].decode("utf-8", "surrogateescape"),
+                        view[start:start + size]))
+            allowed += size + _PER_MEMBER_SLACK
+            pos = start + size + (-size % _BLOCK)
+        self.pos, self.allowed = pos, self.allowed + allowed
+        return out
 
     def _checksum(self, pos: int) -> int:
         """The unsigned checksum of the block at buf[pos], summed a window at a time."""
@@ -448,6 +511,12 @@ class _Writer:
     def mkdir(self, name: str, path: str) -> None:
         self._create(name, lambda: os.makedirs(path, 0o755, exist_ok=True))
 
+    def plain(self, name: str, data: memoryview) -> None:
+        """One regular file whose bytes are all at hand, under the same rules as any other."""
+        path = self.admit(name, "file", len(data))
+        if path is not None:
+            self.file(name, path, _reader(data))
+
     def file(self, name: str, path: str, read: Callable[[int], bytes]) -> None:
         """Copy one file, hashing and counting the bytes actually produced."""
         full = os.path.join(self.root, path)
@@ -465,10 +534,26 @@ class _Writer:
         self.members.append(Member(path, size, digest.hexdigest()))
 
 
+def _reader(data: memoryview) -> Callable[[int], bytes]:
+    """A `read(n)` over bytes already in memory, b"" at their end."""
+    pos = 0
+
+    def read(n: int) -> bytes:
+        nonlocal pos
+        chunk = data[pos:pos + n]
+        pos += len(chunk)
+        return chunk
+    return read
+
+
 def _tar(raw: IO[bytes], w: _Writer) -> None:
     """Stream a tar, then read to EOF so the compressor checks its CRC and length."""
     src = _Source(raw, w.archive)
-    while (member := src.next()) is not None:
+    while True:
+        for name, data in src.batch():
+            w.plain(name, data)
+        if (member := src.next()) is None:
+            break
         name, kind, size = member
         path = w.admit(name, kind, size)
         src.allowed += (size if kind == "file" else 0) + _PER_MEMBER_SLACK
@@ -643,6 +728,37 @@ class _Packer(_Writer):
         self.file_keys.append(_key(path))
         for column, value in zip(self.batch, (path, self.offset if store else -1, size, digest.hexdigest())):
             column.append(value)
+        self.files += 1
+        self.offset += size if store else 0
+        if len(self.batch[0]) >= INDEX_BATCH:
+            self.flush()
+
+    def plain(self, name: str, data: memoryview) -> None:
+        """`admit` and `file` for the usual member, in one call: a short ASCII path of plain
+        components, under every cap, new, and no junk. Any other goes the general way."""
+        size, caps = len(data), self.caps
+        parts = name.split("/")
+        if (not name.isascii() or "" in parts or "." in parts or ".." in parts or "\\" in name
+                or name[1:2] == ":" or "._" in name or "__MACOSX" in name or name.endswith(".DS_Store")
+                or len(parts) > caps.max_depth or len(name) > caps.max_path_bytes
+                or self.count >= caps.max_members or size > caps.max_member_bytes
+                or self.total + size > caps.max_total_bytes or name in self.dirs or name in self.named_dirs):
+            return super().plain(name, data)
+        self.count += 1
+        self.total += size
+        folder = name.rpartition("/")[0]
+        if folder not in self.dirs:
+            self.mkdir(name, folder)
+        store = name.lower().endswith(STORED_SUFFIXES)
+        if store:
+            self.blob_hash.update(data)
+            self.out.write(data)
+        self.file_keys.append(_key(name))
+        paths, offsets, sizes, digests = self.batch
+        paths.append(name)
+        offsets.append(self.offset if store else -1)
+        sizes.append(size)
+        digests.append(hashlib.sha256(data).hexdigest())
         self.files += 1
         self.offset += size if store else 0
         if len(self.batch[0]) >= INDEX_BATCH:

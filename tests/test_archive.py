@@ -792,3 +792,34 @@ def test_a_very_deep_or_long_member_path_is_refused_at_once(tmp_path: Path, sent
     assert_refused(tmp_path, write_tar(tmp_path / "deep.tgz", [tinfo(deep, b"x")]), "levels deep, over the cap of 32")
     long = "ds/" + "n" * 1100 + ".png"
     assert_refused(tmp_path, write_tar(tmp_path / "long.tgz", [tinfo(long, b"x")]), "longer than 1024 bytes")
+
+
+# Plain headers (short name, type "0", fields written the usual way) take untar's batched
+# path; every rule must hold there exactly as on the general path.
+JUNK = [b"ds/._a.png", b"__MACOSX/ds/a.png", b"ds/.DS_Store"]
+REFUSED = [b"ds/../x.png", b"/abs.png", b"ds//a.png", b"./ds/a.png", b"ds/./a.png", b"ds\\a.png", b"C:a.png",
+           b"d/" * 33 + b"a.png", b"ds/a.png/", b"ds", b"ds/a.png", b"ds/\xff.png"]
+
+
+@pytest.mark.parametrize("name", JUNK + REFUSED, ids=lambda n: n.decode("latin-1")[:24])
+def test_plain_headers_follow_the_general_rules(tmp_path: Path, name: bytes) -> None:
+    archive = _raw_tar(tmp_path, _entry(b"ds/a.png", b"first"), _entry(name, b"second"))
+    if name in JUNK:   # skipped, never stored
+        assert [m.path for m in _packed_members(archive, tmp_path / "packed")] == ["ds/a.png"]
+    else:
+        (tmp_path / "packed").mkdir()
+        with pytest.raises(ArchiveError, match="member"):
+            pack(archive, tmp_path / "packed")
+
+
+def test_plain_headers_follow_the_caps(tmp_path: Path) -> None:
+    archive = _raw_tar(tmp_path, *(_entry(b"ds/%d.png" % i, b"x" * 10) for i in range(5)))
+    for i, (caps, why) in enumerate(((Caps(max_members=4), "more than 4 members"),
+                                     (Caps(max_total_bytes=45), "more than 45 bytes"),
+                                     (Caps(max_member_bytes=9), "member cap"), (Caps(max_depth=1), "levels deep"),
+                                     (Caps(max_path_bytes=7), "longer than 7 bytes"))):
+        (tmp_path / str(i)).mkdir()
+        with pytest.raises(ArchiveError, match=why):
+            pack(archive, tmp_path / str(i), caps=caps)
+    (tmp_path / "ok").mkdir()
+    assert pack(archive, tmp_path / "ok", caps=Caps(max_members=6, max_total_bytes=50, max_member_bytes=10)).files == 5
