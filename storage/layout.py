@@ -139,7 +139,7 @@ def layout_paths(index: "pa.Table") -> list[str]:
 
     path = index.column("path")
     visible = index.select(["path"]).filter(pc.invert(pc.match_substring_regex(path, _HIDDEN.pattern)))
-    parent = pc.struct_field(pc.extract_regex(visible.column("path"), r"^(?P<p>(?:.*/)?)[^/]*$"), "p")
+    parent = pc.replace_substring_regex(visible.column("path"), r"(?:^|/)[^/]*$", "")   # no backtracking
     table = visible.append_column("parent", pc.utf8_rtrim(parent, "/"))
     firsts = table.group_by("parent").aggregate([("path", "min")])
     parents = firsts.column("parent").to_pylist()
@@ -180,8 +180,8 @@ def split_rows(index: "pa.Table", layout: Layout, split: str) -> "pa.Table":
     folder = posixpath.join(layout.base, split) if layout.base else split
     prefix = folder + "/"
     path = index.column("path")
-    rows = index.filter(pc.and_(pc.starts_with(path, prefix),
-                                pc.invert(pc.match_substring_regex(path, _HIDDEN.pattern))))
+    rows = index.filter(pc.starts_with(path, prefix))
+    rows = rows.filter(pc.invert(pc.match_substring_regex(rows.column("path"), _HIDDEN.pattern)))
     # <class>/<name> below the split folder, in one regex pass (null: deeper, or not under a class)
     parts = pc.extract_regex(pc.utf8_slice_codeunits(rows.column("path"), len(prefix)),
                              r"^(?P<cls>[^/]+)/(?P<name>[^/]+)$")
