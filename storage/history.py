@@ -104,14 +104,7 @@ def append_run(root: Root, rows: list[dict]) -> str:
     rel = posixpath.join(HISTORY, file_name(rows[0]["run_id"], rows[0]["time"]))
     buf = io.BytesIO()
     pq.write_table(rows_table(rows), buf, compression="zstd")
-    full, tmp = root.path(rel), root.path(posixpath.join(HISTORY, f"_tmp-{uuid.uuid4().hex}"))
-    root.fs.makedirs(root.path(HISTORY), exist_ok=True)
-    try:
-        root.fs.pipe_file(tmp, buf.getvalue())
-        root.fs.mv(tmp, full)
-    finally:
-        if root.fs.exists(tmp):
-            root.fs.rm(tmp)
+    root.write_bytes_atomic(rel, buf.getvalue(), posixpath.join(HISTORY, f"_tmp-{uuid.uuid4().hex}"))
     return rel
 
 

@@ -6,6 +6,7 @@ a temporary name, its manifest last, and then renamed into place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -22,9 +23,24 @@ from fsspec.implementations.local import LocalFileSystem
 from pixelsim.storage.errors import IntegrityError, NotPublished
 from pixelsim.storage.faults import publishing
 
+# What the disk says when it cannot take more (full, over quota, over a file size limit,
+# read-only): these name the file being written, since the call that failed (a write, a
+# flush, pyarrow's writer) often names none.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 MANIFEST = "_manifest.json"
 PARTS = "_parts"   # parts written by parallel tasks wait here until their folder is published
 CHUNK = 1 << 20
+
+
+@contextlib.contextmanager
+def writing(where: str) -> Iterator[None]:
+    """Name `where` in a full-disk error raised inside the block that names no file."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS or e.filename or hasattr(e, "url"):
+            raise
+        raise OSError(e.errno, os.strerror(e.errno), where) from e
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -164,8 +180,9 @@ class Root:
             os.makedirs(tmp_root)
             staging = Staging(tmp_root)
             try:
-                yield staging
-                staging.write_manifest()
+                with writing(self.path(rel)):
+                    yield staging
+                    staging.write_manifest()
                 publishing(rel)
                 self._swap_local(tmp_root, self.path(rel))
             finally:
@@ -173,8 +190,9 @@ class Root:
             return
         with tempfile.TemporaryDirectory(prefix="pixelsim-") as tmp_root:
             staging = Staging(tmp_root)
-            yield staging
-            staging.write_manifest()
+            with writing(self.uri(rel)):
+                yield staging
+                staging.write_manifest()
             publishing(rel)
             # An object store has no folder rename (a "move" copies object by object, in no useful
             # order): unpublish the old folder manifest first, upload every listed file to its final
@@ -208,14 +226,16 @@ class Root:
         if not self.local:
             with tempfile.TemporaryDirectory(prefix="pixelsim-") as tmp_dir:
                 tmp = os.path.join(tmp_dir, posixpath.basename(rel))
-                yield tmp
+                with writing(tmp):
+                    yield tmp
                 publish_file(self, tmp, rel)
             return
         full = self.path(rel)
         os.makedirs(os.path.dirname(full), exist_ok=True)
         tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            yield tmp
+            with writing(full):
+                yield tmp
             publishing(rel)
             os.replace(tmp, full)
         finally:
@@ -242,10 +262,8 @@ class Root:
         try:
             if self.local:
                 os.makedirs(os.path.dirname(full), exist_ok=True)
-                try:
-                    os.link(self.path(src), tmp)
-                except OSError:   # another file system, or one without hard links
-                    shutil.copyfile(self.path(src), tmp)
+                with writing(full):
+                    self._link_local(self.path(src), tmp)
                 os.replace(tmp, full)
             else:
                 self.fs.copy(self.path(src), tmp)
@@ -254,6 +272,13 @@ class Root:
             with contextlib.suppress(OSError):
                 self.remove(tmp[len(self.base) + 1:])
             raise
+
+    @staticmethod
+    def _link_local(src: str, tmp: str) -> None:
+        try:
+            os.link(src, tmp)
+        except OSError:   # another file system, or one without hard links
+            shutil.copyfile(src, tmp)
 
     def promote(self, src: str, dest: str) -> None:
         """Move a finished part into its published place (a rename on local disk)."""
@@ -281,22 +306,25 @@ class Root:
         self.write_bytes_atomic(name, json.dumps(body, indent=1).encode())
         return digest
 
-    def write_bytes_atomic(self, rel: str, data: bytes) -> None:
+    def write_bytes_atomic(self, rel: str, data: bytes, tmp_name: str | None = None) -> None:
+        """Write `rel` whole or not at all, by way of `tmp_name` (default: beside it, `.tmp-` added),
+        which never stays behind."""
         full = self.path(rel)
-        tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"
-        if self.local:
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, full)
-        else:
-            try:
-                self.fs.pipe_file(tmp, data)
-                self.fs.mv(tmp, full)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    self.fs.rm_file(tmp)
-                raise
+        tmp = self.path(tmp_name) if tmp_name else f"{full}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with writing(full):
+                if self.local:
+                    os.makedirs(os.path.dirname(full), exist_ok=True)
+                    with open(tmp, "wb") as f:
+                        f.write(data)
+                    os.replace(tmp, full)
+                else:
+                    self.fs.pipe_file(tmp, data)
+                    self.fs.mv(tmp, full)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                self.fs.rm_file(tmp)
+            raise
 
     # -- manifests -------------------------------------------------------------
     def verify(self, rel: str, *, deep: bool | tuple[str, ...] = True) -> dict:

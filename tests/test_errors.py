@@ -3,6 +3,7 @@ permanent OS errors never retried, a closed pipe and Ctrl-C end quietly."""
 from __future__ import annotations
 
 import errno
+import shutil
 import subprocess
 import sys
 
@@ -117,3 +118,33 @@ def test_a_full_disk_is_one_line_naming_where_and_never_retried(cli, limit, step
     assert last.startswith("pixelsim: error: ") and f"{cli.root}/{step}/" in last and "File too large" in last
     assert "Retry" not in p.stderr and "Traceback" not in p.stderr
     assert not (cli.root / step).exists() or not any((cli.root / step).iterdir())   # nothing half-written left
+
+
+def test_a_full_disk_in_a_later_step_names_the_file_and_a_rerun_completes(cli):
+    """The same in each later step, whose writes go through pyarrow or plain file writes that
+    name no file: the line names the file or folder being written; nothing half-written stays."""
+    import resource
+    import signal
+
+    from conftest import SAMPLE
+
+    def run(limit: int | None) -> subprocess.CompletedProcess:
+        def small_files() -> None:
+            if limit:
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        return subprocess.run([PIXELSIM, "run", "--source", str(SAMPLE), "--root", str(cli.root)], env=cli.env,
+                              capture_output=True, text=True, timeout=300, preexec_fn=small_files)
+
+    assert run(None).returncode == 0
+    # each limit is under the smallest file the step writes, above every file of the steps before
+    for folder, limit in (("reports", 20_000), ("evaluations", 50_000), ("templates", 5_000), ("shards", 500_000)):
+        shutil.rmtree(cli.root / folder)
+        p = run(limit)
+        assert p.returncode == 1, (folder, p.stderr)
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"pixelsim: error: {cli.root}/{folder}/mnist_sample/") and "File too large" in last
+        assert "Retry" not in p.stderr and "Traceback" not in p.stderr
+        assert not [f for f in (cli.root / folder).rglob("*") if f.is_file()], folder   # no .tmp- file left
+        p = run(None)
+        assert p.returncode == 0 and "accuracy on 3: 0.9168" in p.stdout, p.stderr
