@@ -145,7 +145,7 @@ def fetch_source(run: Runner, request: Request) -> tuple[Archive, dict]:
                 fp = fingerprint(request.source, skip=Root(root).skip())
             except DownloadError as e:
                 run.log.warning("could not fingerprint %s (%s); downloading anyway", e.url, e.reason)
-        archive = run.step("download", download_archive, request.source, root, pins, 4, fp)
+        archive = run.step("download", download_archive, request.source, root, pins, 4, fp, offline=request.offline)
         return archive, described(archive)
     if request.dataset not in DATASETS:
         raise PixelsimError(f"unknown dataset {request.dataset!r}: pass --source, or one of {', '.join(DATASETS)}")
@@ -155,8 +155,14 @@ def fetch_source(run: Runner, request: Request) -> tuple[Archive, dict]:
     if not request.refresh or request.offline:
         # the pins name the archive's folder: a root that holds it needs no network at all
         if in_root(root, ds.source_url(), ds.pins):
-            archive = run.step("download", download_archive, ds.source_url(), root, ds.pins, 1)
-            return archive, described(archive)
+            try:
+                archive = run.step("download", download_archive, ds.source_url(), root, ds.pins, 1,
+                                   offline=request.offline, retries=0 if bundled else RETRIES)
+                return archive, described(archive)
+            except DownloadError as e:
+                if not (request.offline and bundled):
+                    raise
+                run.log.warning("%s: falling back to the bundled copy %s", e, bundled)
         if bundled and in_root(root, bundled, ds.bundled_pins):
             archive = run.step("download", download_archive, bundled, root, ds.bundled_pins, 1)
             return archive, described(archive, **fallback)

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pixelsim.storage import catalog
 from pixelsim.storage.archive import pack_folder
 from pixelsim.storage.cache import Outcome, reuse_or_build
+from pixelsim.storage.errors import DownloadError
 from pixelsim.storage.fetch import Fetched, Pins, fetch, redact
 from pixelsim.storage.root import MANIFEST, Root
 from pixelsim.tasks.contracts import Archive
@@ -57,16 +58,22 @@ def in_root(root: str, url: str, pins: dict | None) -> bool:
 
 
 def download_archive(url: str, root: str, pins: dict | None = None, attempts: int = 5,
-                     fingerprint: dict | None = None, refresh: bool = False) -> Outcome[Archive]:
+                     fingerprint: dict | None = None, refresh: bool = False, offline: bool = False) -> Outcome[Archive]:
     """Fetch `url` into archives/<key>/<name>. A source pinned by sha256 is keyed by that digest
     alone (the same bytes from any URL or path, e.g. the bundled copy in another checkout); any
     other by the source, its fingerprint (remote size/etag/mtime, so a changed file behind the
-    same URL is fetched again) and its pins."""
+    same URL is fetched again) and its pins. `offline`: a remote source is only ever taken from
+    the root (verified), never fetched, not even to replace a damaged copy or for `refresh`."""
     r = Root(root)
     shown = redact(url)
     rel = archive_dir(url, pins, fingerprint)
+    remote = "://" in url and not url.startswith("file://")
+    refresh = refresh and not (offline and remote)
 
     def build() -> Archive:
+        if offline and remote:
+            raise DownloadError(shown, f"--offline: the copy in {r.uri(rel)} is missing or damaged, and fetching "
+                                       "it again needs the network; run without --offline")
         name = archive_name(url)
         with r.publish_dir(rel) as st:
             if os.path.isdir(url):

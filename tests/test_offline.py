@@ -53,6 +53,31 @@ def test_an_archive_in_the_root_is_not_asked_for_again(official, tmp_path):
     assert len(seen) == 2
 
 
+def test_offline_never_asks_the_network_even_for_a_damaged_copy_or_refresh(official, tmp_path):
+    url, seen = official
+    root = tmp_path / "root"
+    first = pixelsim.run("mnist_tiny", root=str(root), shard_size=300)
+    assert len(seen) == 1
+    again = pixelsim.run("mnist_tiny", root=str(root), shard_size=300, offline=True, refresh=True)
+    assert_figures(again.report, TINY_FIGURES) and len(seen) == 1   # verified, not fetched
+    archive, = root.glob("archives/*/mnist_tiny.tgz")
+    archive.write_bytes(archive.read_bytes()[:-10] + bytes(10))   # damaged in place
+    with pytest.raises(pixelsim.PixelsimError, match=r"--offline: the copy in .*archives/.* is missing or damaged"):
+        pixelsim.run("mnist_tiny", root=str(root), shard_size=300, offline=True)
+    assert len(seen) == 1
+    healed = pixelsim.run("mnist_tiny", root=str(root), shard_size=300)   # online again: fetched once more
+    assert_figures(healed.report, TINY_FIGURES) and len(seen) == 2
+    # the same for a --source URL pinned by --sha256
+    pinned = dict(source=url, root=str(root), shard_size=300, sha256=first.report["source"]["sha256"])
+    pixelsim.run(**pinned)
+    assert len(seen) == 3
+    copy, = (a for a in root.glob("archives/*/mnist_tiny.tgz") if a.parent.name != archive.parent.name)
+    copy.write_bytes(b"damaged")
+    with pytest.raises(pixelsim.PixelsimError, match=r"--offline: the copy in .*archives/.* is missing or damaged"):
+        pixelsim.run(**pinned, offline=True)
+    assert len(seen) == 3
+
+
 def test_offline_names_the_step_that_would_need_the_network(official, tmp_path, monkeypatch):
     url, seen = official
     with pytest.raises(pixelsim.PixelsimError, match=rf"--offline: dataset mnist_tiny is not in .* yet and "
