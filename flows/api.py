@@ -18,7 +18,7 @@ from pixelsim.storage.errors import PixelsimError
 from pixelsim.storage.history import as_rows, read_history, read_run_record
 from pixelsim.storage.root import MANIFEST, Root
 from pixelsim.storage.shards import iter_arrays
-from pixelsim.tasks.contracts import Request, default_root
+from pixelsim.tasks.contracts import Report, Request, default_root
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -108,7 +108,7 @@ class RunView:
 
     @cached_property
     def report(self) -> dict:
-        return self.root.read_json(posixpath.join(self.folder("report"), "report.json"))
+        return Report.located(self.root, self.root.read_json(posixpath.join(self.folder("report"), Report.FILE)))
 
     def templates(self) -> dict[str, np.ndarray]:
         """Class name -> template, float32 in [0, 1], shaped like one image."""

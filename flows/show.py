@@ -12,6 +12,7 @@ import posixpath
 from pixelsim.storage.errors import PixelsimError
 from pixelsim.storage.history import HISTORY, as_rows, read_history
 from pixelsim.storage.root import Root
+from pixelsim.tasks.contracts import Report
 
 
 def runs_of(root_url: str) -> list[dict]:
@@ -26,7 +27,7 @@ def entries(rows: list[dict]) -> list[dict]:
         run = runs.setdefault(row["run_id"], {"run_id": row["run_id"], "time": row["time"], "dataset": row["dataset"],
                                               "seconds": row["total_seconds"], "steps": row["steps"],
                                               "report_dir": row["report"], "source_sha256": row["source_sha256"],
-                                              "metrics": {}})
+                                              "report_rel": (row.get("outputs") or {}).get("report"), "metrics": {}})
         run["metrics"][row["metric"]] = {"per_class": {p["class"]: p["accuracy"] for p in row["per_class"]},
                                          "balanced": row["balanced"], "overall": row["overall"],
                                          "headline": row["headline"]}
@@ -46,10 +47,15 @@ def _report_dir(path: str) -> str | None:
 
 
 def _load_report(folder: str) -> dict | None:
+    """The report in `folder`, its root-relative artifacts as URIs of the root it lies in."""
     try:
-        return Root(folder).read_json("report.json")
+        report = Root(folder).read_json(Report.FILE)
     except FileNotFoundError:
         return None
+    rel, uri = str(report.get("artifacts", {}).get("report", "")), Root(folder).uri("").rstrip("/")
+    if rel and not rel.startswith("/") and "://" not in rel and uri.endswith("/" + rel):
+        return Report.located(uri[:-len(rel) - 1], report)
+    return report   # written before artifacts were root-relative
 
 
 def find_run(root_url: str, run: str | None) -> dict:
@@ -76,7 +82,9 @@ def find_run(root_url: str, run: str | None) -> dict:
         if len(matches) > 1:
             raise PixelsimError(f"run id prefix {run!r} is ambiguous: " + ", ".join(r["run_id"] for r in matches))
         chosen = matches[0]
-    return {"run": chosen, "report": _load_report(chosen["report_dir"]), "report_dir": chosen["report_dir"]}
+    # the run's report folder in this root (it may be mounted elsewhere than where the run wrote it)
+    where = root.uri(chosen["report_rel"]) if chosen.get("report_rel") else chosen["report_dir"]
+    return {"run": chosen, "report": _load_report(where), "report_dir": where}
 
 
 def as_json(found: dict) -> dict:

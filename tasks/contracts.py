@@ -350,11 +350,17 @@ class Report(Output):
         m = r["metrics"][r["metric"]]
         return f"{r['metric']} balanced {m['balanced']} over {len(r['classes'])} classes"
 
+    @staticmethod
+    def located(root: str | Root, report: dict[str, Any]) -> dict[str, Any]:
+        """report.json's content with its root-relative artifacts as URIs of this `root`."""
+        r = root if isinstance(root, Root) else Root(root)
+        return {**report, "artifacts": {k: r.uri(v) for k, v in report["artifacts"].items()}}
+
     @classmethod
     def load(cls, root: str, rel: str) -> Report:
         manifest = Root(root).verify(rel)
         try:
-            report = json.loads(Root(root).read_bytes(f"{rel}/{cls.FILE}"))
-        except ValueError as e:
+            report = cls.located(root, json.loads(Root(root).read_bytes(f"{rel}/{cls.FILE}")))
+        except (ValueError, LookupError, TypeError, AttributeError) as e:
             raise IntegrityError(f"{Root(root).uri(rel)}: unreadable {cls.FILE} ({e})") from None
         return cls(root=root, dir=rel, digest=manifest["digest"], report=report)

@@ -11,7 +11,7 @@ from pixelsim.storage.html import render_report, report_pictures
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Evaluation, Report, ShardSet, Templates
 
-VERSION = "5"   # 5: confusion as pairs beyond MAX_MATRIX classes
+VERSION = "6"   # 6: artifacts root-relative in report.json; 5: confusion as pairs beyond MAX_MATRIX classes
 PLACES = 4
 
 
@@ -21,9 +21,10 @@ def _r(x: float | None) -> float | None:
 
 def build_report(source: dict, shards: ShardSet, templates: Templates, evaluation: Evaluation,
                  metric: str, notes: list[str], report_dir: str) -> dict:
-    """The report JSON: figures rounded to 4 places, confusion rows are true classes."""
+    """The report JSON: figures rounded to 4 places, confusion rows are true classes. Its artifacts
+    are root-relative, so a cached report is right wherever the root is mounted; `Report.load`
+    gives them as URIs of the root it was loaded from."""
     classes = evaluation.classes
-    root = Root(shards.root)
     metrics = {}
     for name, m in evaluation.metrics.items():
         metrics[name] = {"per_class": {c: _r(a) for c, a in zip(classes, m["per_class"])},
@@ -39,12 +40,8 @@ def build_report(source: dict, shards: ShardSet, templates: Templates, evaluatio
         "metrics": metrics,
         "notes": notes,
         "skipped": shards.skipped,
-        "artifacts": {
-            "shards": root.uri(shards.dir),
-            "templates": root.uri(templates.dir),
-            "predictions": root.uri(evaluation.predictions),
-            "report": root.uri(report_dir),
-        },
+        "artifacts": {"shards": shards.dir, "templates": templates.dir, "predictions": evaluation.predictions,
+                      "report": report_dir},
     }
 
 
@@ -105,7 +102,7 @@ def write_report(source: dict, shards: ShardSet, templates: Templates, evaluatio
     def build() -> Report:
         report = build_report(source, shards, templates, evaluation, metric, notes, rel)
         pictures = report_pictures(r, f"{templates.dir}/{TEMPLATES}", evaluation.dir, shards.shards["valid"])
-        out = Report(root=shards.root, dir=rel, digest="", report=report)
+        out = Report(root=shards.root, dir=rel, digest="", report=Report.located(shards.root, report))
         with r.publish_dir(rel) as st:
             st.write_json(Report.FILE, report)
             st.write_bytes("report.md", render_markdown(report).encode())

@@ -81,3 +81,30 @@ def test_torch_is_imported_only_where_templates_or_predictions_are_computed(cli,
         p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
                            env=cli.env, cwd=tmp_path)
         assert p.stderr.strip().endswith("NO-TORCH"), (args, p.returncode, p.stderr[-2000:])
+
+
+def test_a_root_mounted_elsewhere_reuses_every_step_and_points_into_itself(tmp_path):
+    """The same root at another path (another machine's mount, a copied folder): every step is
+    reused, and the cached report, the API and the run record point into the new place."""
+    import json
+
+    import pixelsim
+    from conftest import TINY, TINY_FIGURES
+
+    first = pixelsim.run(source=str(TINY), root=str(tmp_path / "here"), shard_size=300)
+    shutil.move(tmp_path / "here", tmp_path / "there")
+    moved = pixelsim.run(source=str(TINY), root=str(tmp_path / "there"), shard_size=300)
+    assert_figures(moved.report, TINY_FIGURES)
+    assert [s for s, hit in moved.cached.items() if not hit] == []   # download included: keyed by content
+    assert all(v.startswith(f"{tmp_path}/there/") for v in moved.report["artifacts"].values()), moved.report
+    assert (Path(moved.report["artifacts"]["report"]) / "report.html").is_file()
+    latest = pixelsim.open(str(tmp_path / "there")).latest("mnist_tiny")
+    assert latest.report["artifacts"] == moved.report["artifacts"]
+    from pixelsim.flows.show import find_run
+    for run in (first, moved):   # `pixelsim show <id>`, the earlier run's included
+        found = find_run(str(tmp_path / "there"), run.run_id)
+        assert found["report_dir"] == moved.report["artifacts"]["report"]
+        assert found["report"]["artifacts"] == moved.report["artifacts"]
+    assert find_run(str(tmp_path / "there"), moved.report["artifacts"]["report"])["report"] == moved.report
+    stored = json.loads((Path(moved.report["artifacts"]["report"]) / "report.json").read_text())
+    assert stored["artifacts"]["report"] == first.report["artifacts"]["report"].removeprefix(f"{tmp_path}/here/")
