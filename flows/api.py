@@ -16,7 +16,7 @@ from pixelsim.storage import catalog
 from pixelsim.storage.artifacts import TEMPLATES, read_templates
 from pixelsim.storage.errors import PixelsimError
 from pixelsim.storage.history import as_rows, read_history, read_run_record
-from pixelsim.storage.root import MANIFEST, Root
+from pixelsim.storage.root import Root
 from pixelsim.storage.shards import iter_arrays
 from pixelsim.tasks.contracts import Report, Request, default_root
 
@@ -104,11 +104,12 @@ class RunView:
         return self.record["outputs"][step]
 
     def _manifest(self, step: str) -> dict:
-        return self.root.read_json(posixpath.join(self.folder(step), MANIFEST))
+        return self.root.manifest(self.folder(step))
 
     @cached_property
     def report(self) -> dict:
-        return Report.located(self.root, self.root.read_json(posixpath.join(self.folder("report"), Report.FILE)))
+        """report.json, verified against its folder's manifest (IntegrityError if damaged)."""
+        return Report.load(self.root.url, self.folder("report")).report
 
     def templates(self) -> dict[str, np.ndarray]:
         """Class name -> template, float32 in [0, 1], shaped like one image."""

@@ -73,8 +73,8 @@ def check_names(request: Request) -> None:
         if rel is None:
             return
         root = Root(request.root)
-        sha = root.read_json(posixpath.join(rel, MANIFEST))["record"]["sha256"]
-        folders = root.read_json(posixpath.join(tree_dir(sha), MANIFEST))["dirs"]
+        sha = root.manifest(rel)["record"]["sha256"]
+        folders = root.manifest(tree_dir(sha))["dirs"]
     except (OSError, ValueError, LookupError, TypeError):
         return   # not unpacked yet, or unreadable: the steps find out and say so
     try:

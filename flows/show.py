@@ -9,7 +9,7 @@ import json
 import os
 import posixpath
 
-from pixelsim.storage.errors import PixelsimError
+from pixelsim.storage.errors import IntegrityError, NotPublished, PixelsimError
 from pixelsim.storage.history import HISTORY, as_rows, read_history
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Report
@@ -49,9 +49,12 @@ def _report_dir(path: str) -> str | None:
 def _load_report(folder: str) -> dict | None:
     """The report in `folder`, its root-relative artifacts as URIs of the root it lies in."""
     try:
+        Root(folder).verify("")
         report = Root(folder).read_json(Report.FILE)
-    except FileNotFoundError:
+    except NotPublished:
         return None
+    except IntegrityError as e:
+        raise PixelsimError(f"{e}; `pixelsim run` with the same options rebuilds it") from None
     rel, uri = str(report.get("artifacts", {}).get("report", "")), Root(folder).uri("").rstrip("/")
     if rel and not rel.startswith("/") and "://" not in rel and uri.endswith("/" + rel):
         return Report.located(uri[:-len(rel) - 1], report)

@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 from pixelsim.storage.errors import IntegrityError, NotPublished
 from pixelsim.storage.locks import ExpiringLockManager
-from pixelsim.storage.root import MANIFEST, Root, digest_json, part_of, part_record
+from pixelsim.storage.root import Root, digest_json, part_of, part_record
 
 T = TypeVar("T")
 LOCKS = "_locks"
@@ -97,14 +97,19 @@ def load_part(root: Root, rel: str) -> dict:
     published, else from the record beside the part; only if the file still matches it."""
     folder, name = posixpath.split(rel)
     candidates, listed = [], False
-    with contextlib.suppress(FileNotFoundError, ValueError, LookupError, TypeError):
-        record = root.read_json(posixpath.join(folder, MANIFEST))["record"]["parts"][name]
+    with contextlib.suppress(FileNotFoundError, ValueError, LookupError, TypeError, IntegrityError):
+        record = root.manifest(folder)["record"]["parts"][name]
         candidates.append((rel, record))
         listed = True
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        record = root.read_json(part_record(rel))
+    with contextlib.suppress(FileNotFoundError, ValueError, IsADirectoryError, KeyError, AttributeError):
+        sealed = root.read_json(part_record(rel))
+        record = sealed["record"]
+        if sealed["digest"] != digest_json(record):
+            raise IntegrityError(f"{root.uri(part_record(rel))}: altered (its digest does not match its content)")
         candidates += [(part_of(rel), record), (rel, record)]
     for path, record in candidates:
+        if record.get("file", rel) != rel:   # another output's folder copied or moved here
+            raise IntegrityError(f"{root.uri(rel)}: its record is that of {record.get('file')}")
         try:
             found = root.sha256(path)
         except FileNotFoundError:
@@ -119,4 +124,6 @@ def load_part(root: Root, rel: str) -> dict:
 
 def record_part(root: Root, rel: str, record: dict) -> None:
     """Write the record of a part a mapped task has just published (the part itself first)."""
-    root.write_bytes_atomic(part_record(rel), json.dumps(record, separators=(",", ":")).encode())
+    record = json.loads(json.dumps(record))
+    root.write_bytes_atomic(part_record(rel), json.dumps({"record": record, "digest": digest_json(record)},
+                                                          separators=(",", ":")).encode())

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from pixelsim.storage.artifacts import MAX_PICTURES, mistakes, read_templates
 from pixelsim.storage.images import encode_png
-from pixelsim.storage.root import MANIFEST, Root
+from pixelsim.storage.root import Root
 from pixelsim.storage.shards import iter_arrays
 
 WORST = 12
@@ -90,7 +90,7 @@ def report_pictures(root: Root, templates_file: str, evaluation_dir: str, valid_
         "heatmap": {"class": classes[0], "rows": [r0, r1], "cols": [c0, c1],
                     "values": gray[0][r0:r1, c0:c1].tolist()},
     }
-    manifest = root.read_json(posixpath.join(evaluation_dir, MANIFEST))
+    manifest = root.manifest(evaluation_dir)
     files = sorted(posixpath.join(evaluation_dir, f["name"]) for f in manifest["files"]
                    if f["name"].startswith("predictions-") and f["name"].endswith(".parquet"))
     worst = worst_predictions(root, files, k)

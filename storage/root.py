@@ -61,6 +61,17 @@ def digest_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
+def sealed(files: list[dict], meta: dict[str, Any]) -> dict[str, Any]:
+    """A manifest's body: its files, what its step records, and a `digest` of all of that, so
+    that a changed byte anywhere in it (a file's hash, a part's figures, the record) is caught."""
+    body = json.loads(json.dumps({"files": files, **meta}, default=str))
+    return {"files": body.pop("files"), "digest": digest_json({"files": files, **body}), **body}
+
+
+def seal_ok(manifest: dict[str, Any]) -> bool:
+    return manifest.get("digest") == digest_json({k: v for k, v in manifest.items() if k != "digest"})
+
+
 class Root:
     """A storage root URL (local folder by default, any fsspec URL otherwise)."""
 
@@ -293,14 +304,13 @@ class Root:
 
         Unchanged manifests are not rewritten, so a fully cached run writes nothing.
         """
-        files = sorted(files, key=lambda f: f["name"])
-        digest = digest_json(files)
-        body = {"files": files, "digest": digest, **meta}
+        body = sealed(sorted(files, key=lambda f: f["name"]), meta)
+        digest = body["digest"]
         name = posixpath.join(rel, MANIFEST)
         try:
-            if self.read_json(name) == json.loads(json.dumps(body)):
+            if self.read_json(name) == body:
                 return digest
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError, IsADirectoryError, NotADirectoryError):
             pass
         publishing(rel)
         self.write_bytes_atomic(name, json.dumps(body, indent=1).encode())
@@ -315,6 +325,8 @@ class Root:
             with writing(full):
                 if self.local:
                     os.makedirs(os.path.dirname(full), exist_ok=True)
+                    if os.path.isdir(full) and not os.path.islink(full):   # damage: a folder where this file goes
+                        shutil.rmtree(full)
                     with open(tmp, "wb") as f:
                         f.write(data)
                     os.replace(tmp, full)
@@ -327,18 +339,26 @@ class Root:
             raise
 
     # -- manifests -------------------------------------------------------------
+    def manifest(self, rel: str) -> dict:
+        """The manifest of the folder `rel`, once its digest matches its content (its files unchecked)."""
+        try:
+            manifest = self.read_json(posixpath.join(rel, MANIFEST))
+        except FileNotFoundError:
+            raise NotPublished(f"{self.uri(rel)}: no manifest (missing or never published)") from None
+        except (ValueError, IsADirectoryError, NotADirectoryError) as e:
+            raise IntegrityError(f"{self.uri(rel)}: unreadable manifest: {e}") from None
+        if not isinstance(manifest, dict) or not seal_ok(manifest):
+            raise IntegrityError(f"{self.uri(posixpath.join(rel, MANIFEST))}: altered (its digest does not match "
+                                 "its content), or written by an older pixelsim")
+        return manifest
+
     def verify(self, rel: str, *, deep: bool | tuple[str, ...] = True) -> dict:
         """Check a published folder against its manifest; return the manifest.
 
         `deep` re-hashes every file (or, as a tuple of names, those files); the others' sizes
         are compared (for large files whose bytes are hashed again anyway when they are read).
         """
-        try:
-            manifest = self.read_json(posixpath.join(rel, MANIFEST))
-        except FileNotFoundError:
-            raise NotPublished(f"{self.uri(rel)}: no manifest (missing or never published)") from None
-        except ValueError as e:
-            raise IntegrityError(f"{self.uri(rel)}: unreadable manifest: {e}") from None
+        manifest = self.manifest(rel)
         listed: dict[str, int] | None = None
         if deep is not True and not self.local:   # one listing, not a request per file
             top = self.path(rel) + "/"
@@ -356,6 +376,8 @@ class Root:
                     digest, size = entry["sha256"], self.fs.size(self.path(name))
             except FileNotFoundError:
                 raise IntegrityError(f"{self.uri(name)}: listed in the manifest but missing") from None
+            except (IsADirectoryError, NotADirectoryError):
+                raise IntegrityError(f"{self.uri(name)}: not a file") from None
             if size != entry["bytes"] or digest != entry["sha256"]:
                 raise IntegrityError(f"{self.uri(name)}: does not match its manifest (altered or truncated)")
         return manifest
@@ -390,9 +412,8 @@ class Staging:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
     def write_manifest(self) -> None:
-        files = [self.files[k] for k in sorted(self.files)]
-        self.digest = digest_json(files)
-        body = {"files": files, "digest": self.digest, **self.meta}
+        body = sealed([self.files[k] for k in sorted(self.files)], self.meta)
+        self.digest = body["digest"]
         with open(os.path.join(self.path, MANIFEST), "w") as f:
             json.dump(body, f, indent=1)
 

@@ -179,9 +179,12 @@ class Output:
         """The record of a published folder, rebuilt from its verified manifest."""
         manifest = Root(root).verify(rel, deep=cls.DEEP)
         try:
-            return cls(root=root, digest=manifest["digest"], **manifest["record"])
+            out = cls(root=root, digest=manifest["digest"], **manifest["record"])
         except (KeyError, TypeError) as e:
             raise IntegrityError(f"{Root(root).uri(rel)}: manifest holds no {cls.__name__} record ({e})") from None
+        if out.dir != rel:   # another output's folder copied or moved here
+            raise IntegrityError(f"{Root(root).uri(rel)}: holds the output of {out.dir}, not its own")
+        return out
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,8 @@ class Report(Output):
     @classmethod
     def load(cls, root: str, rel: str) -> Report:
         manifest = Root(root).verify(rel)
+        if manifest.get("record", {}).get("dir") != rel:   # another report's folder copied or moved here
+            raise IntegrityError(f"{Root(root).uri(rel)}: holds another output than its own")
         try:
             report = cls.located(root, json.loads(Root(root).read_bytes(f"{rel}/{cls.FILE}")))
         except (ValueError, LookupError, TypeError, AttributeError) as e:

@@ -25,7 +25,7 @@ from pixelsim.storage.cache import Outcome, load_part, record_part, reuse_or_bui
 from pixelsim.storage.errors import ImageError, IntegrityError, LayoutError, TransientError
 from pixelsim.storage.images import decode_members, peek_size
 from pixelsim.storage.layout import find_layout, layout_paths, split_rows
-from pixelsim.storage.root import MANIFEST, Root, part_of, publish_parts, sha256_bytes
+from pixelsim.storage.root import Root, part_of, publish_parts, sha256_bytes
 from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, parse_members,
                                      plan_bytes, rows_digest)
 from pixelsim.tasks import pool
@@ -46,7 +46,7 @@ def tree_index(tree: Tree) -> tuple[pa.Table, list[str]]:
     """The unpacked members' index (path, offset, size, sha256, in archive order) and the
     archive's folders (an empty class folder has no file to show it)."""
     root = Root(tree.root)
-    manifest = root.read_json(posixpath.join(tree.dir, MANIFEST))
+    manifest = root.manifest(tree.dir)
     return read_index(root.read_bytes(posixpath.join(tree.dir, INDEX))), manifest.get("dirs", [])
 
 
@@ -107,8 +107,8 @@ def earlier_set(root: Root, dataset: str, pixels: str, own: str) -> Earlier | No
     found = []
     for name in root.glob(catalog.shard_manifests(dataset)):
         folder = posixpath.dirname(name)
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
-            manifest = root.read_json(name)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError, IntegrityError):
+            manifest = root.manifest(folder)
             entry = next((f for f in manifest["files"] if f["name"] == MEMBERS), None)
             if entry and manifest["record"].get("pixels") == pixels:
                 found.append((folder == own, root.modified(name), folder, manifest, entry))

@@ -1,0 +1,114 @@
+"""What the cache trusts is checked by content: a folder holding another output, a changed byte
+in a manifest or a part's record, a file turned into a folder. Each is rebuilt, never believed,
+and the readers (`pixelsim show`, the API) refuse what a run would rebuild."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+import pixelsim
+from conftest import TINY, TINY_FIGURES, assert_figures
+from pixelsim.storage.cache import load_part, record_part
+from pixelsim.storage.errors import IntegrityError, PixelsimError
+from pixelsim.storage.root import Root
+
+
+def swapped_tiny(path: Path) -> Path:
+    """mnist_tiny with its validation 3s and 7s swapped: other figures, the same layout."""
+    with tarfile.open(TINY) as src, tarfile.open(path, "w") as out:
+        for ti in src:
+            data = src.extractfile(ti).read() if ti.isfile() else None
+            for a, b in (("/valid/3/", "/valid/x/"), ("/valid/7/", "/valid/3/"), ("/valid/x/", "/valid/7/")):
+                ti.name = ti.name.replace(a, b) if a in ti.name else ti.name
+            out.addfile(ti, io.BytesIO(data) if data is not None else None)
+    return path
+
+
+def only(root: Path, pattern: str) -> Path:
+    found = sorted(root.glob(pattern))
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    """mnist_tiny and its swapped twin, run into one root under one dataset name."""
+    root = tmp_path / "root"
+    run = dict(root=str(root), dataset="mnist_tiny", shard_size=300)
+    first = pixelsim.run(source=str(TINY), **run)
+    other = pixelsim.run(source=str(swapped_tiny(tmp_path / "twin.tar")), **run)
+    assert other.report["metrics"]["l1"]["per_class"] != first.report["metrics"]["l1"]["per_class"]
+    return root, run, first, other
+
+
+@pytest.mark.parametrize("output,step", [("report", "report"), ("evaluation", "evaluate"),
+                                         ("templates", "templates"), ("shards", "convert")])
+def test_a_folder_holding_another_output_is_rebuilt(two_runs, output, step):
+    root, run, first, other = two_runs
+    mine, theirs = (o.outputs.folders()[output] for o in (first, other))
+    shutil.rmtree(root / mine)
+    shutil.copytree(root / theirs, root / mine)   # another output's verified folder, under this key
+    again = pixelsim.run(source=str(TINY), **run)
+    assert_figures(again.report, TINY_FIGURES)
+    assert not again.cached[step]
+
+
+def test_a_changed_figure_in_a_manifest_is_caught(tmp_path):
+    root = tmp_path / "root"
+    first = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)
+    manifest = root / first.outputs.folders()["evaluation"] / "_manifest.json"
+    body = json.loads(manifest.read_text())
+    part = next(iter(body["record"]["parts"].values()))
+    cells = part["confusion"]["l1"]
+    cells[0][2] -= 100   # one true-3-predicted-3 count, in the part record the metrics are summed from
+    manifest.write_text(json.dumps(body, indent=1))
+    again = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)
+    assert_figures(again.report, TINY_FIGURES) and not again.cached["evaluate"]
+
+
+def test_a_changed_part_record_is_caught(tmp_path):
+    r = Root(str(tmp_path))
+    r.write_bytes_atomic("out/_parts/a.bin", b"part")
+    record = {"file": "out/a.bin", "sha256": Root(str(tmp_path)).sha256("out/_parts/a.bin")[0], "bytes": 4,
+              "counts": {"3": 10}}
+    record_part(r, "out/a.bin", record)
+    assert load_part(r, "out/a.bin") == record
+    rec = tmp_path / "out/_parts/a.bin.json"
+    rec.write_text(rec.read_text().replace('"3":10', '"3":90'))
+    with pytest.raises(IntegrityError, match="altered"):
+        load_part(r, "out/a.bin")
+
+
+def test_a_file_turned_into_a_folder_is_rebuilt(tmp_path):
+    root = tmp_path / "root"
+    first = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)
+    templates = only(root, "templates/mnist_tiny/*/templates.parquet")
+    templates.unlink()
+    templates.mkdir()
+    manifest = only(root, "shards/mnist_tiny/*/_manifest.json")
+    manifest.unlink()
+    manifest.mkdir()
+    again = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)
+    assert_figures(again.report, TINY_FIGURES)
+    assert not again.cached["convert"] and not again.cached["templates"]
+    assert first.report["metrics"] == again.report["metrics"]
+
+
+def test_readers_refuse_a_damaged_report(tmp_path):
+    from pixelsim.flows.show import find_run
+
+    root = tmp_path / "root"
+    first = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)
+    folder = first.report["artifacts"]["report"]
+    page = Path(folder) / "report.json"
+    page.write_text(page.read_text().replace("0.8829", "0.1111"))
+    with pytest.raises(IntegrityError, match="does not match its manifest"):
+        pixelsim.open(str(root)).latest("mnist_tiny").report
+    for target in (folder, first.run_id):
+        with pytest.raises(PixelsimError, match="report.json: does not match its manifest.*rebuilds it"):
+            find_run(str(root), target)
