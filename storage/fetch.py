@@ -9,6 +9,7 @@ import contextlib
 import email.utils
 import hashlib
 import logging
+import math
 import os
 import random
 import re
@@ -17,7 +18,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 from urllib.parse import unquote_plus, urljoin, urlsplit, urlunsplit
 
 import fsspec
@@ -142,9 +143,9 @@ def retry_after(value: str | None, cap: float) -> float | None:
     except ValueError:
         try:
             delay = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             return None
-    return min(max(delay, 0.0), cap)
+    return min(max(delay, 0.0), cap) if math.isfinite(delay) else None   # "nan", "inf": no advice
 
 
 class _Part:
@@ -166,6 +167,7 @@ class _Part:
         self.fh.seek(0)
         self.fh.truncate()
         self.n = self.began_at = 0
+        self.version: tuple[str, str, int | None] | None = None   # ETag, Last-Modified, size of what we hold
         self.sha = hashlib.sha256()
         self.md5 = hashlib.md5(usedforsecurity=False)
 
@@ -191,6 +193,16 @@ class _Part:
         self.n += len(chunk)
         if self.progress:
             self.progress(self.n, self.total)
+
+
+def changed(version: tuple[str, str, int | None] | None, headers: Any, total: int | None) -> bool:
+    """Whether a resumed response describes another file than the bytes we hold came from."""
+    if version is None:
+        return False
+    etag, modified, size = version
+    return any(a and b and a != b for a, b in ((etag, headers.get("etag", "")),
+                                                (modified, headers.get("last-modified", "")))) \
+        or (size is not None and total is not None and size != total)
 
 
 def _content_range(value: str | None) -> tuple[int, int | None] | None:
@@ -224,6 +236,11 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
             hdrs = {k: v for k, v in hdrs.items() if k.lower() not in ("authorization", "cookie")}
         if part.n:
             hdrs["Range"] = f"bytes={part.n}-"
+            etag, modified, _ = part.version or ("", "", None)
+            # the rest only if the file is still the one we hold the start of (else a 200 with all of it)
+            strong = etag if etag and not etag.startswith("W/") else ""
+            if strong or modified:
+                hdrs["If-Range"] = strong or modified
         with client.stream("GET", chain[-1], headers=hdrs) as r:
             status = r.status_code
             if status in REDIRECT_STATUS and "location" in r.headers:
@@ -249,6 +266,10 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
                     part.reset()
                     raise _Retry(shown, reason)
                 total = rng[1] if rng[1] is not None else None if length_n is None else part.n + length_n
+                if changed(part.version, r.headers, total):   # a server that ignored If-Range, or sent none
+                    part.reset()
+                    raise _Retry(shown, "the file changed between attempts (ETag, Last-Modified or size "
+                                        "differ); restarting from zero")
             else:
                 if part.n:
                     log.info("%s ignored Range; restarting from zero", shown)
@@ -263,6 +284,8 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
                 raise ChecksumError(shown, f"size mismatch: expected {pins.size} bytes, "
                                            f"server announces {total}")
             part.total = total if total is not None else part.total
+            if part.n == 0:
+                part.version = (r.headers.get("etag", ""), r.headers.get("last-modified", ""), total)
             for chunk in r.iter_raw():  # unchunked: a chunker would drop buffered bytes on error
                 if html:   # labelled HTML: refused only if the bytes are a page, not an archive mislabelled
                     html = False

@@ -181,6 +181,8 @@ def test_retry_after_parsing() -> None:
     assert retry_after(None, 30) is None and retry_after("soon", 30) is None
     assert retry_after("Wed, 21 Oct 2015 07:28:00 GMT", 30) == 0.0  # in the past
     assert retry_after("Fri, 01 Jan 2100 00:00:00 GMT", 30) == 30.0
+    for junk in ("nan", "inf", "-inf", "1e999"):   # no advice, not a crash in time.sleep
+        assert retry_after(junk, 30) is None, junk
 
 
 def test_exhausted_retries_name_url_attempts_and_cause(server: Server, tmp_path: Path,
@@ -208,6 +210,33 @@ def test_cut_body_resumes_with_range(server: Server, tmp_path: Path, sleeps: lis
     assert server.ranges == [None, f"bytes={half}-"]
     assert dest.read_bytes() == DATA and got.sha256 == SHA
     assert leftovers(tmp_path) == ["d"]
+
+
+OTHER = bytes(reversed(DATA))   # the same size, other bytes: a new version published mid-download
+
+
+@pytest.mark.parametrize("honours_if_range", [True, False])
+def test_a_file_changed_between_attempts_is_fetched_again_whole(server: Server, tmp_path: Path,
+                                                                 sleeps: list[float], honours_if_range: bool) -> None:
+    """A resume asks for the rest only of the version it holds (If-Range); a server that answers
+    206 from another version anyway (its ETag differs) is not spliced onto the first part."""
+    half = len(DATA) // 2
+
+    def behaviour(h: Handler, i: int) -> None:
+        if i == 0:
+            return h.reply(200, DATA[:half], {"ETag": '"v1"'}, length=len(DATA))
+        rng, if_range = h.headers.get("Range"), h.headers.get("If-Range")
+        if rng and (not honours_if_range or if_range == '"v2"'):
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            return h.reply(206, OTHER[start:], {"ETag": '"v2"', "Content-Range": f"bytes {start}-{len(OTHER) - 1}/"
+                                                                                   f"{len(OTHER)}"})
+        h.reply(200, OTHER, {"ETag": '"v2"'})
+
+    server.behaviour = behaviour
+    dest = tmp_path / "d"
+    got = run(server.url(), dest, sleeps)
+    assert dest.read_bytes() == OTHER and got.sha256 == hashlib.sha256(OTHER).hexdigest()
+    assert server.requests[1][1].get("If-Range") == '"v1"'
 
 
 def test_server_ignoring_range_restarts_from_zero(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
