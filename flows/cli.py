@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from pixelsim.storage.errors import OptionError
 from pixelsim.tasks.contracts import DEFAULT_ROOT, METRICS, Options, default_root
 
 
@@ -34,6 +35,25 @@ def _positive(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
     return n
+
+
+def _port(text: str) -> int:
+    n = _positive(text)
+    if n > 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port, 1 to 65535, got {text!r}")
+    return n
+
+
+def _dask_address(address: str) -> None:
+    """A scheduler address distributed can parse, checked before the flow starts."""
+    try:
+        from distributed.comm.addressing import parse_address, parse_host_port
+    except ImportError:
+        return   # task_runner says which extra to install
+    try:
+        parse_host_port(parse_address(address)[1])
+    except (ValueError, TypeError) as e:
+        raise OptionError(f"--dask-address {address!r}: {e}; expected host:port or tcp://host:port") from None
 
 
 class Parser(argparse.ArgumentParser):
@@ -71,7 +91,7 @@ EPILOG = """examples:
 
 environment:
   PIXELSIM_ROOT           default --root (./pixelsim-data)
-  PIXELSIM_OFFLINE=1      as --offline
+  PIXELSIM_OFFLINE=1      as --offline (1/0, true/false, yes/no, on/off)
   PIXELSIM_URL_<DATASET>  a mirror of a named dataset's official URL
   PIXELSIM_DECODE_WORKERS size of convert's process pool (0: decode in place)
   PIXELSIM_LOCK_DIR       where step locks live for an object-store root
@@ -154,7 +174,7 @@ def parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="a local Prefect server in the background, used by every later run "
                             "without PREFECT_API_URL instead of a temporary one")
     server.add_argument("action", choices=["start", "stop", "status"])
-    server.add_argument("--port", type=int, help=f"port on 127.0.0.1 (default {4200}, else a free one)")
+    server.add_argument("--port", type=_port, help=f"port on 127.0.0.1 (default {4200}, else a free one)")
     show = sub.add_parser("show", help="a past run's summary, from the stored files (no Prefect needed)")
     show.add_argument("run", nargs="?", help="a run id (or a unique prefix) or a report folder; default: the latest run")
     show.add_argument("--root", default=default_root(),
@@ -211,7 +231,7 @@ def exit_now(code: int) -> None:
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
-    from pixelsim.storage.errors import OptionError, PixelsimError
+    from pixelsim.storage.errors import PixelsimError
 
     try:
         return command(args)
@@ -343,7 +363,11 @@ def command(args: argparse.Namespace) -> int:
         torch_device(request.options.device)
     check_request(request)
     Root(request.root).ensure()
-    params["dataset"] = request.dataset
+    params["dataset"], params["sha256"] = request.dataset, request.sha256   # as checked: trimmed, lower case
+    if args.dask_address:
+        if args.task_runner != "dask":
+            raise OptionError("--dask-address needs --task-runner dask")
+        _dask_address(args.dask_address)
     from pixelsim.flows import server
 
     booting = server.use()   # a server started now boots while Prefect and the steps are imported

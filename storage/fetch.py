@@ -24,6 +24,7 @@ from urllib.parse import unquote_plus, urljoin, urlsplit, urlunsplit
 import fsspec
 import httpx
 
+from pixelsim.storage import env
 from pixelsim.storage.errors import ChecksumError, DownloadError, TransientDownloadError
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,7 @@ MIN_RATE_GRACE_S = 60.0
 
 
 def max_bytes() -> int:
-    value = os.environ.get(MAX_BYTES_ENV, "")
-    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_BYTES
+    return env.whole(MAX_BYTES_ENV, DEFAULT_MAX_BYTES, 1)
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 REDIRECT_STATUS = frozenset({301, 302, 303, 307, 308})
 ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip", ".gz", ".bz2", ".xz")

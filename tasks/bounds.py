@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from pixelsim.storage import env
 from pixelsim.storage.errors import OptionError
 
 SHARD_BYTES_ENV = "PIXELSIM_SHARD_BYTES"
@@ -23,17 +24,12 @@ MAX_MEMORY_ENV = "PIXELSIM_MAX_MEMORY"
 BASE = 512 << 20                 # the interpreter, torch, pyarrow and the plan
 
 
-def _env_bytes(name: str, default: int) -> int:
-    value = os.environ.get(name, "").strip()
-    if not value:
-        return default
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise OptionError(f"{name}={value!r}: expected a number of bytes, at least 1")
-    return n
+def shard_bytes() -> int:
+    return env.whole(SHARD_BYTES_ENV, SHARD_BYTES, 1)
+
+
+def max_memory() -> int:
+    return env.whole(MAX_MEMORY_ENV, default_max_memory(), 1)
 
 
 def default_max_memory() -> int:
@@ -61,13 +57,13 @@ def plan_bounds(shape: tuple[int, ...], classes: int, shard_size: int, processes
     w = 1
     for side in shape:
         w *= int(side)
-    s = max(1, min(shard_size, _env_bytes(SHARD_BYTES_ENV, SHARD_BYTES) // max(w, 1)))
+    s = max(1, min(shard_size, shard_bytes() // max(w, 1)))
     shard = s * w
     steps = {"convert": max(processes, 1) * 3 * shard, "templates": 2 * shard + 24 * classes * w,
              "evaluate": 2 * shard + 8 * classes * w}
     step, need = max(steps.items(), key=lambda kv: kv[1])
     peak = BASE + need + 16 * w
-    limit = _env_bytes(MAX_MEMORY_ENV, default_max_memory())
+    limit = max_memory()
     if peak > limit:
         size = "x".join(map(str, shape))
         raise OptionError(

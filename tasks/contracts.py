@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from pixelsim.storage import catalog
+from pixelsim.storage import catalog, env
 from pixelsim.storage.errors import IntegrityError, OptionError
 from pixelsim.storage.root import Root
 from pixelsim.storage.layout import Layout
@@ -23,6 +23,7 @@ METRICS = ("l1", "rmse")
 DEFAULT_ROOT = "pixelsim-data"
 DEFAULT_DATASET = "mnist_sample"
 MAX_SIDE = 16384   # pixels per side of --resize: larger ones would not fit in memory anyway
+MAX_COUNT = 2**31 - 1   # images per shard, images skipped: more than any archive's members cap
 
 
 @dataclass(frozen=True)
@@ -51,12 +52,12 @@ class Options:
         for name in ("shard_size", "channels", "skip_bad"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise OptionError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: expected a whole number")
-        if self.shard_size < 1:
-            raise OptionError(f"--shard-size {self.shard_size}: must be at least 1")
+        if not 1 <= self.shard_size <= MAX_COUNT:
+            raise OptionError(f"--shard-size {self.shard_size}: must be 1 to {MAX_COUNT}")
         if self.channels not in (1, 3):
             raise OptionError(f"--channels {self.channels}: use 1 (grayscale) or 3 (RGB)")
-        if self.skip_bad < 0:
-            raise OptionError(f"--skip-bad {self.skip_bad}: must be 0 or more")
+        if not 0 <= self.skip_bad <= MAX_COUNT:
+            raise OptionError(f"--skip-bad {self.skip_bad}: must be 0 to {MAX_COUNT}")
         if self.resize is not None:
             size = tuple(self.resize)
             if len(size) != 2 or not all(isinstance(v, int) and 1 <= v <= MAX_SIDE for v in size):
@@ -130,9 +131,22 @@ class Request:
         if dataset is None:
             from pixelsim.tasks.download import dataset_name
             dataset = dataset_name(source) if source else DEFAULT_DATASET
-        offline = bool(offline) or os.environ.get("PIXELSIM_OFFLINE", "").lower() in ("1", "true", "yes")
+        check_environment()
+        offline = bool(offline) or env.flag(env.OFFLINE)
         return cls(dataset=dataset, source=source, sha256=sha256, root=root, refresh=refresh, offline=offline,
                    options=Options(**{k: v for k, v in options.items() if v is not None}))
+
+
+def check_environment() -> None:
+    """Read every PIXELSIM_* number and flag once, so that a bad value fails before the run starts."""
+    from pixelsim.storage.fetch import max_bytes
+    from pixelsim.tasks import bounds, pool
+
+    env.flag(env.OFFLINE)
+    max_bytes()
+    pool.workers()
+    bounds.shard_bytes()
+    bounds.max_memory()
 
 
 def default_root() -> str:

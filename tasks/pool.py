@@ -13,6 +13,8 @@ import sys
 import threading
 from concurrent.futures import Executor, ProcessPoolExecutor
 
+from pixelsim.storage import env
+
 ENV = "PIXELSIM_DECODE_WORKERS"
 _lock = threading.Lock()
 _pool: ProcessPoolExecutor | None = None
@@ -21,8 +23,8 @@ _pool: ProcessPoolExecutor | None = None
 def workers() -> int:
     """Pool size: $PIXELSIM_DECODE_WORKERS, else the usable cores; 0 (decode in place) on one core
     or inside a worker of a process or Dask task runner, which already spreads the work."""
-    if os.environ.get(ENV):
-        return max(0, int(os.environ[ENV]))
+    if os.environ.get(ENV, "").strip():
+        return env.whole(ENV, 0, 0)
     if multiprocessing.parent_process() is not None or not _main_importable():
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

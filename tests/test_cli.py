@@ -107,6 +107,15 @@ def test_checksum_mismatch_names_url_and_publishes_nothing(cli, serve):
     assert not archives.exists() or [p for p in archives.rglob("*") if p.is_file()] == []
 
 
+def test_a_pin_as_pasted_with_spaces_and_capitals_is_the_same_pin(cli, serve):
+    import hashlib
+    url = serve({"mnist_tiny.tgz": TINY}) + "/mnist_tiny.tgz"
+    r = cli("run", "--source", url, "--sha256", f"  {hashlib.sha256(TINY.read_bytes()).hexdigest().upper()} ",
+            "--json")
+    assert r.code == 0, r.stderr
+    assert_figures(r.report, TINY_FIGURES)
+
+
 def _tgz(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tf:

@@ -21,10 +21,12 @@ def test_defaults_and_normalised_values():
 
 
 @pytest.mark.parametrize("options,message", [
-    ({"shard_size": 0}, "--shard-size 0: must be at least 1"),
+    ({"shard_size": 0}, "--shard-size 0: must be 1 to 2147483647"),
+    ({"shard_size": 10**23}, "--shard-size 100000000000000000000000: must be 1 to 2147483647"),
+    ({"skip_bad": 10**23}, "--skip-bad 100000000000000000000000: must be 0 to 2147483647"),
     ({"shard_size": True}, "--shard-size True: expected a whole number"),
     ({"channels": 2}, "--channels 2: use 1"),
-    ({"skip_bad": -1}, "--skip-bad -1: must be 0 or more"),
+    ({"skip_bad": -1}, "--skip-bad -1: must be 0 to 2147483647"),
     ({"metric": "cosine"}, "--metric cosine: use one of l1, rmse"),
     ({"resize": (0, 0)}, "--resize 0x0: expected HxW"),
     ({"resize": (28,)}, "--resize 28: expected HxW"),
@@ -53,6 +55,32 @@ def test_a_bad_request_is_one_error_naming_the_option(request_args, message):
     assert str(e.value).startswith(message)
 
 
+@pytest.mark.parametrize("name,value,message", [
+    ("PIXELSIM_DECODE_WORKERS", "abc", "PIXELSIM_DECODE_WORKERS='abc': expected a whole number, at least 0"),
+    ("PIXELSIM_MAX_DOWNLOAD_BYTES", "abc", "PIXELSIM_MAX_DOWNLOAD_BYTES='abc': expected a whole number, at least 1"),
+    ("PIXELSIM_MAX_DOWNLOAD_BYTES", "0", "PIXELSIM_MAX_DOWNLOAD_BYTES='0': expected a whole number, at least 1"),
+    ("PIXELSIM_SHARD_BYTES", "1e9", "PIXELSIM_SHARD_BYTES='1e9': expected a whole number, at least 1"),
+    ("PIXELSIM_MAX_MEMORY", "١٢", "PIXELSIM_MAX_MEMORY='١٢': expected a whole number"),
+    ("PIXELSIM_OFFLINE", "sometimes", "PIXELSIM_OFFLINE='sometimes': expected 1 or 0"),
+])
+def test_a_bad_environment_variable_is_one_error_naming_it_before_any_work(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(OptionError) as e:
+        Request.build()
+    assert str(e.value).startswith(message)
+
+
+def test_environment_flags_and_numbers_that_are_read(monkeypatch):
+    from pixelsim.storage.fetch import max_bytes
+    from pixelsim.tasks import pool
+    for value, offline in (("on", True), ("YES", True), ("0", False), ("off", False), ("", False)):
+        monkeypatch.setenv("PIXELSIM_OFFLINE", value)
+        assert Request.build().offline is offline, value
+    monkeypatch.setenv("PIXELSIM_MAX_DOWNLOAD_BYTES", " 1000 ")
+    monkeypatch.setenv("PIXELSIM_DECODE_WORKERS", "0")
+    assert max_bytes() == 1000 and pool.workers() == 0
+
+
 def test_the_dataset_defaults_to_the_sources_name():
     assert Request.build().dataset == "mnist_sample"
     assert Request.build(source="https://h/x/Foo.tar.gz?sig=1").dataset == "foo"
@@ -61,7 +89,7 @@ def test_the_dataset_defaults_to_the_sources_name():
 def test_the_cli_refuses_a_bad_option_in_one_line_before_prefect_starts(tmp_path):
     code = ("import sys; from pixelsim.flows.cli import main; rc = main(sys.argv[1:]); "
             "assert 'prefect' not in sys.modules, 'prefect imported'; sys.exit(rc)")
-    for args, line in ((["--shard-size", "0"], "--shard-size 0: must be at least 1"),
+    for args, line in ((["--shard-size", "0"], "--shard-size 0: must be 1 to"),
                        (["--resize", "0x0"], "--resize 0x0"), (["--classes", "3,3"], "a class is named twice"),
                        (["--source", ""], "--source is empty"), (["--dataset", "../x"], "dataset name '../x'")):
         p = subprocess.run([sys.executable, "-c", code, "run", "--root", str(tmp_path / "root"), *args],
@@ -90,6 +118,9 @@ def test_version_is_the_installed_one(tmp_path):
     (["run", "--shard-sise", "3"], "unrecognized arguments: --shard-sise 3 (did you mean --shard-size?)", 2),
     (["rn"], "invalid choice: 'rn'", 2),
     (["run", "--device", "tpu9"], "--device tpu9: ", 1),
+    (["run", "--task-runner", "dask", "--dask-address", "garbage!!"], "--dask-address 'garbage!!': ", 2),
+    (["run", "--dask-address", "127.0.0.1:8786"], "--dask-address needs --task-runner dask", 2),
+    (["server", "start", "--port", "70000"], "expected a TCP port, 1 to 65535, got '70000'", 2),
 ])
 def test_mistakes_are_caught_before_any_flow_run(tmp_path, args, line, code):
     p = subprocess.run([sys.executable, "-m", "pixelsim.flows.cli", *args, *(["--root", str(tmp_path / "r")]
