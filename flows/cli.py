@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from pixelsim.storage.errors import OptionError
+from pixelsim.storage.errors import OptionError, shown
 from pixelsim.tasks.contracts import DEFAULT_ROOT, METRICS, Options, default_root
 
 
@@ -402,7 +402,7 @@ def command(args: argparse.Namespace) -> int:
           f"{sum(rep['counts']['train'].values())} train / {sum(rep['counts']['valid'].values())} valid images")
     print(f"source: {rep['source']['url']}" + (f" ({rep['source']['note']})" if rep["source"].get("note") else ""))
     for c in rep["classes"]:
-        print(f"  {args.metric} accuracy on {c}: {m['per_class'][c]}")
+        print(f"  {args.metric} accuracy on {shown(c)}: {m['per_class'][c]}")
     print(f"  balanced (mean of classes): {m['balanced']}   overall: {m['overall']}")
     print(f"reused cached results for {len(reused)} of {len(out.cached)} steps"
           + (f": {', '.join(reused)}" if reused else ""))

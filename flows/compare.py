@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pixelsim.flows.show import find_run, runs_of
-from pixelsim.storage.errors import PixelsimError
+from pixelsim.storage.errors import PixelsimError, shown
 from pixelsim.storage.history import read_run_record
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Tree
@@ -163,7 +163,7 @@ def render(d: RunDiff) -> str:
         width = max(len(r) for r, _, _ in rows)
         lines.append(f"{metric} accuracy{'':{max(0, width - 8)}}       A        B   change")
         lines += [f"  {r:<{width}}  {_f(a):>7}  {_f(b):>7}  {_signed(change(a, b)):>7}" for r, a, b in rows]
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)   # each line ours; names from the data escaped
 
 
 def _f(x: float | None) -> str:
@@ -199,4 +199,4 @@ def render_runs(rows: list[dict], root_url: str, dataset: str | None = None) -> 
     lines += [f"{r['time'][:19].replace('T', ' ')}  {r['run_id'][:8]}  {r['dataset']:14} {r['metric']:6}  "
               f"{r['balanced']:8.4f}  {_signed(r['change']):>7}  {r['cached_steps']}/{r['steps']:<4} "
               f"{r['seconds']:7.1f}  {r['source_sha256'][:12]}" for r in rows]
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)   # each line ours; names from the data escaped

@@ -14,7 +14,7 @@ from typing import Any
 
 from pixelsim.flows.datasets import DATASETS
 from pixelsim.flows.runners import RETRIES, Runner
-from pixelsim.storage.errors import DownloadError, MemberChanged, PixelsimError
+from pixelsim.storage.errors import DownloadError, MemberChanged, PixelsimError, shown
 from pixelsim.storage.fetch import redact
 from pixelsim.storage.history import record_run
 from pixelsim.storage.layout import Layout
@@ -90,7 +90,7 @@ def run_pipeline(request: Request, runner: Runner) -> RunResult:
                     f" ({', '.join(reused)})" if reused else "")
     head = report.report["metrics"][o.metric]
     runner.log.info("%s: %s accuracy %s, balanced %s, overall %s; report: %s", request.dataset, o.metric,
-                    ", ".join(f"{c} {a}" for c, a in head["per_class"].items()), head["balanced"], head["overall"],
+                    ", ".join(f"{shown(c)} {a}" for c, a in head["per_class"].items()), head["balanced"], head["overall"],
                     report.report["artifacts"]["report"] + "/report.html")
     cached = {s: bool(runner.cached.get(s)) for s in STEPS}
     seconds = {s: round(runner.seconds.get(s, 0.0), 3) for s in STEPS}

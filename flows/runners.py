@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pixelsim.storage.cache import Outcome
-from pixelsim.storage.errors import PixelsimError, TransientError
+from pixelsim.storage.errors import PixelsimError, TransientError, shown
 from pixelsim.tasks.convert import BadImages
 
 RETRIES = 2          # further attempts after a transient failure (a step's own retries come first)
@@ -47,7 +47,7 @@ def said(out: Outcome) -> str:
     value = out.value
     where = getattr(value, "dir", None) if hasattr(value, "uri") else getattr(value, "file", "")
     verb = "reused from the storage root" if out.cached else "built"
-    return f"{verb}: {where}: {value.describe()}"
+    return shown(f"{verb}: {where}: {value.describe()}")   # class names come from the data
 
 
 def gathered(name: str, outcomes: Sequence[Outcome | BaseException]) -> list[Outcome]:

@@ -9,7 +9,7 @@ import json
 import os
 import posixpath
 
-from pixelsim.storage.errors import IntegrityError, NotPublished, PixelsimError
+from pixelsim.storage.errors import IntegrityError, NotPublished, PixelsimError, shown
 from pixelsim.storage.history import HISTORY, as_rows, read_history
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Report
@@ -117,10 +117,10 @@ def render(found: dict) -> str:
         metrics, classes = run["metrics"], list(next(iter(run["metrics"].values()))["per_class"])
         headline = next((m for m, v in metrics.items() if v["headline"]), None)
     names = list(metrics)
-    width = max([len("balanced"), *map(len, classes)])
+    width = max([len("balanced"), *(len(shown(c)) for c in classes)])
     lines.append(f"  {'accuracy':<{width}}  " + "  ".join(f"{n + ('*' if n == headline else ''):>7}" for n in names))
     for c in classes:
-        lines.append(f"  {c:<{width}}  " + "  ".join(f"{_f(metrics[n]['per_class'].get(c)):>7}" for n in names))
+        lines.append(f"  {shown(c):<{width}}  " + "  ".join(f"{_f(metrics[n]['per_class'].get(c)):>7}" for n in names))
     for k in ("balanced", "overall"):
         lines.append(f"  {k:<{width}}  " + "  ".join(f"{_f(metrics[n][k]):>7}" for n in names))
     if headline:
@@ -131,7 +131,7 @@ def render(found: dict) -> str:
         lines += [f"  {s['step']:<10} {s['seconds']:7.2f} s  {'cached' if s['cached'] else 'computed'}"
                   for s in run["steps"]]
     lines.append(f"report: {posixpath.join(found['report_dir'], 'report.html')}")
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)   # each line ours; names from the data escaped
 
 
 def _f(x: float | None) -> str:

@@ -5,8 +5,24 @@ Every message names the file, member or URL at fault so a user can act on it.
 from __future__ import annotations
 
 
+def shown(text: object) -> str:
+    """Text from the data (member names, class folders) fit for a terminal or a log line: control
+    characters, newlines and bidirectional overrides escaped, so a name can neither forge a line
+    nor recolour or reorder one."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class PixelsimError(Exception):
-    """A permanent, user-facing failure: retrying will not help."""
+    """A permanent, user-facing failure: retrying will not help. Its message is one line, or
+    several of our own (a list of bad files): no character of it can drive a terminal."""
+
+    def __init__(self, *args: object):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = ("\n".join(shown(line) for line in args[0].split("\n")),)
+        super().__init__(*args)
 
 
 class TransientError(PixelsimError):
@@ -30,7 +46,14 @@ class ChecksumError(DownloadError):
     """The bytes fetched are not the bytes pinned."""
 
 
-class ArchiveError(PixelsimError):
+class OneLine(PixelsimError):
+    """An error whose message is one line by design: a newline in it came from the data."""
+
+    def __init__(self, message: str):
+        super().__init__(shown(message))
+
+
+class ArchiveError(OneLine):
     """An archive is corrupt, unsafe or over its caps; names the member."""
 
 
@@ -38,7 +61,7 @@ class ImageError(PixelsimError):
     """A file is not a readable image of the expected kind; names the file."""
 
 
-class LayoutError(PixelsimError):
+class LayoutError(OneLine):
     """The dataset tree is not <split>/<class>/<image> as expected."""
 
 

@@ -34,7 +34,7 @@ import zlib
 import numpy as np
 from PIL import Image, ImageFile
 
-from pixelsim.storage.errors import ImageError, MemberChanged
+from pixelsim.storage.errors import ImageError, MemberChanged, shown
 
 try:  # optional accelerator; Pillow handles everything without it
     import pyspng as _spng
@@ -181,6 +181,7 @@ def decode(data: bytes, name: str, *, channels: int = 1, size: tuple[int, int] |
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     dot = name.rfind(".")
     suffix = name[dot:].lower() if dot > max(name.rfind("/"), name.rfind("\\")) + 1 else ""
+    name = shown(name)   # from here on, only for messages
     fmt = IMAGE_SUFFIXES.get(suffix)
     if fmt is None:
         raise ImageError(f"{name}: unknown image extension {suffix or '(none)'!r}; "
@@ -229,7 +230,7 @@ def decode_members(items: list[tuple[str, str, bytes]], *, channels: int = 1,
             if not name.lower().endswith(tuple(IMAGE_SUFFIXES)):   # its bytes were never stored
                 decode(data, name)   # raises the ImageError naming the extension
             if hashlib.sha256(data).hexdigest() != sha256:   # the cache is damaged, not the image
-                raise MemberChanged(f"{name}: its bytes in the unpacked archive changed since it was unpacked")
+                raise MemberChanged(f"{shown(name)}: its bytes in the unpacked archive changed since it was unpacked")
             images.append(decode(data, name, channels=channels, size=size, resize=resize, draft=draft))
             kept.append(i)
         except ImageError as e:

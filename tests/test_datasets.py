@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import glob
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -444,3 +445,23 @@ def test_datasets_say_which_work_offline(tmp_path, monkeypatch):
                         "mnist": "needs the network once"}
     pixelsim.run("mnist_sample", root=str(root))   # the official URL is closed: the bundled copy fills the root
     assert listed()["mnist_sample"] == "in the root, no network needed"
+
+
+def test_names_from_the_archive_cannot_drive_the_terminal(cli, tmp_path):
+    """A class folder whose name holds a newline, ANSI colours and a bidi override: every line
+    pixelsim prints is its own, and no control character reaches the terminal."""
+    evil = "3\nINJECTED: pixelsim: error: fake\x1b[31mRED\x1b[0m\u202e"
+    members = {k.replace("/3/", f"/{evil}/"): v for k, v in two_class_members().items()}
+    members[f"ds/train/{evil}/bad.png"] = b"\x89PNG\r\n\x1a\n not really"
+    archive = tmp_path / "evil.tgz"
+    archive.write_bytes(tgz(members))
+    failed = cli("run", "--source", str(archive))
+    skipped = cli("run", "--source", str(archive), "--skip-bad", "1")
+    assert skipped.code == 0, skipped.stderr[-2000:]
+    for out in (failed.stderr, skipped.stdout, skipped.stderr):
+        assert "\x1b" not in out and "\u202e" not in out, out
+        assert not any(line.startswith("INJECTED") for line in out.splitlines()), out
+    assert "pixelsim: error: 1 bad image file(s):" in failed.stderr and "3\\nINJECTED" in failed.stderr
+    assert "accuracy on 3\\nINJECTED: pixelsim: error: fake\\x1b[31mRED\\x1b[0m\\u202e:" in skipped.stdout
+    stored, = (cli.root / "reports").glob("*/*/report.json")
+    assert json.loads(stored.read_text())["classes"] == sorted([evil, "7"])   # the data itself keeps the name
