@@ -207,6 +207,29 @@ def split_rows(index: "pa.Table", layout: Layout, split: str) -> "pa.Table":
     order = sorted(range(len(names)), key=lambda i: (labels[i], natural_key(names[i])))
     return rows.take(pa.array(order, pa.int64()))
 
+def deeper_files(index: "pa.Table", layout: Layout, split: str) -> tuple[int, str | None]:
+    """Files below a class folder's own subfolders (train/7/extra/a.png), which `split_rows`
+    does not read: how many, and the first in path order (for a note that names one)."""
+    import pyarrow.compute as pc
+
+    prefix = (posixpath.join(layout.base, split) if layout.base else split) + "/"
+    path = index.column("path")
+    rows = index.filter(pc.starts_with(path, prefix))
+    rest = pc.utf8_slice_codeunits(rows.column("path"), len(prefix))
+    cls = pc.struct_field(pc.extract_regex(rest, r"^(?P<cls>[^/]+)/[^/]+/"), "cls")
+    deep = rows.filter(pc.and_(pc.is_valid(cls), pc.is_in(cls, value_set=pa_strings(layout.classes))))
+    deep = deep.filter(pc.invert(pc.match_substring_regex(deep.column("path"), _HIDDEN.pattern)))
+    if not len(deep):
+        return 0, None
+    return len(deep), pc.min(deep.column("path")).as_py()
+
+
+def pa_strings(values: list[str]) -> "pa.Array":
+    import pyarrow as pa
+
+    return pa.array(list(values), pa.string())
+
+
 def check_names(folders: list[str], *, train_split: str | None = None, valid_split: str | None = None,
                 classes: list[str] | None = None) -> None:
     """The split and class names asked for, against an unpacked archive's folders alone (no file

@@ -24,7 +24,7 @@ from pixelsim.storage.archive import BLOB, INDEX, read_index
 from pixelsim.storage.cache import Outcome, load_part, record_part, reuse_or_build
 from pixelsim.storage.errors import ImageError, IntegrityError, LayoutError, TransientError
 from pixelsim.storage.images import decode_members, peek_size
-from pixelsim.storage.layout import find_layout, layout_paths, split_rows
+from pixelsim.storage.layout import deeper_files, find_layout, layout_paths, split_rows
 from pixelsim.storage.root import Root, part_of, publish_parts, sha256_bytes
 from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, parse_members,
                                      plan_bytes, rows_digest)
@@ -174,13 +174,29 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     index, folders = tree_index(tree)
     layout = find_layout(layout_paths(index), folders=folders, train_split=o.train_split,
                          valid_split=o.valid_split, classes=list(o.classes) if o.classes else None)
-    splits = []
+    splits, notes = [], list(layout.notes)
     for role, folder in zip(SPLITS, (layout.train, layout.valid)):
         rows = split_rows(index, layout, folder).select(list(Member._fields))
         if not len(rows):
             raise LayoutError(f"split {folder}/ holds no images of classes {', '.join(layout.classes)}")
+        deeper, first = deeper_files(index, layout, folder)
+        counts = dict.fromkeys(range(len(layout.classes)), 0)
+        counts.update(Counter(rows.column("label").to_numpy().tolist()))
+        empty = [layout.classes[i] for i, n in counts.items() if n == 0]
+        where = posixpath.join(layout.base, folder) if layout.base else folder
+        if empty and role == "train":
+            raise LayoutError(f"class {empty[0]}: {where}/{empty[0]}/ holds no image directly"
+                              + (f" ({deeper} file(s) in subfolders of the class folders, e.g. {first}, are not read: "
+                                 "move them up)" if deeper else "") + ", so it has no template; or leave it out with --classes")
+        if deeper:
+            notes.append(f"{deeper} file(s) in subfolders of {where}/<class>/ ignored (only a class folder's own "
+                         f"files are read), e.g. {first}")
+        if empty:
+            notes.append(f"no validation image of class(es) {', '.join(empty)} in {where}/: no accuracy for them, and "
+                         f"balanced is the mean over the other classes")
         splits.append((role, folder, rows))
     del index   # the splits' rows are copies: the whole index need not outlive them
+    layout = dataclasses.replace(layout, notes=notes)
     if o.resize:
         shape = tuple(o.resize)
     else:

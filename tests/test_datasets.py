@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from conftest import PIXELSIM, TINY, TINY_FIGURES, assert_figures, base_env
@@ -465,3 +466,29 @@ def test_names_from_the_archive_cannot_drive_the_terminal(cli, tmp_path):
     assert "accuracy on 3\\nINJECTED: pixelsim: error: fake\\x1b[31mRED\\x1b[0m\\u202e:" in skipped.stdout
     stored, = (cli.root / "reports").glob("*/*/report.json")
     assert json.loads(stored.read_text())["classes"] == sorted([evil, "7"])   # the data itself keeps the name
+
+
+def test_files_below_a_class_folder_are_named_in_a_note_never_dropped_silently(tmp_path):
+    import pixelsim
+
+    members = two_class_members()
+    moved = {k.replace("/train/7/", "/train/7/extra/") if k.endswith(("0.png", "1.png")) else k: v
+             for k, v in members.items()}
+    archive = tmp_path / "deeper.tgz"
+    archive.write_bytes(tgz(moved))
+    rep = pixelsim.run(source=str(archive), root=str(tmp_path / "root")).report
+    assert rep["counts"]["train"] == {"3": 6, "7": 4}
+    assert "2 file(s) in subfolders of ds/train/<class>/ ignored (only a class folder's own files are read), " \
+           "e.g. ds/train/7/extra/0.png" in rep["notes"]
+    # a validation class left without images is said, not averaged away in silence
+    gone = {k.replace("/valid/7/", "/valid/7/sub/"): v for k, v in members.items()}
+    archive.write_bytes(tgz(gone))
+    rep = pixelsim.run(source=str(archive), root=str(tmp_path / "root")).report
+    assert rep["counts"]["valid"]["7"] == 0 and rep["metrics"]["l1"]["per_class"]["7"] is None
+    assert any(n.startswith("no validation image of class(es) 7 in ds/valid/: no accuracy for them") for n in rep["notes"])
+    # a training class left without images is an error that says why (no --skip-bad was given)
+    empty = {k.replace("/train/7/", "/train/7/sub/"): v for k, v in members.items()}
+    archive.write_bytes(tgz(empty))
+    with pytest.raises(pixelsim.PixelsimError, match=r"class 7: ds/train/7/ holds no image directly \(6 file\(s\) in "
+                                                     r"subfolders of the class folders, e.g. ds/train/7/sub/0.png"):
+        pixelsim.run(source=str(archive), root=str(tmp_path / "root"))
