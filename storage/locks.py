@@ -9,6 +9,10 @@ A holder is recognised by its process's identity, not its pid alone: the boot id
 process's start time (`identity`), so a pid that a later process reuses (after a container
 restart, or a long uptime) does not keep a dead run's lock for an hour.
 
+A holder on another host (another container or machine on the same volume) cannot be asked
+whether it lives: every holder touches its lock files every HEARTBEAT_S, and a lock untouched
+for STALE_S is a dead holder's, broken by the next who wants it.
+
 A file that cannot be parsed (written by hand, or in place by another tool) counts as held
 while it is fresh, and is broken once it has been left that way for EMPTY_STALE_S.
 """
@@ -26,6 +30,38 @@ from pathlib import Path
 HOST = socket.gethostname()
 EMPTY_STALE_S = 10.0
 POLL_S = 0.1
+HEARTBEAT_S = 10.0
+STALE_S = 120.0   # twelve missed heartbeats: room for a busy machine and clocks a minute apart
+
+_held: set[Path] = set()
+_held_lock = threading.Lock()
+_beating: threading.Thread | None = None
+
+
+def _beat() -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        with _held_lock:
+            paths = list(_held)
+        for path in paths:
+            try:
+                os.utime(path)
+            except OSError:
+                pass   # released meanwhile, or broken by someone who thought us dead
+
+
+def _hold(path: Path) -> None:
+    global _beating
+    with _held_lock:
+        _held.add(path)
+        if _beating is None or not _beating.is_alive():
+            _beating = threading.Thread(target=_beat, name="pixelsim-lock-heartbeat", daemon=True)
+            _beating.start()
+
+
+def _let_go(path: Path) -> None:
+    with _held_lock:
+        _held.discard(path)
 
 
 def identity(pid: int) -> str | None:
@@ -100,10 +136,17 @@ class ExpiringLockManager:
         pid = info.get("pid")
         ident = info.get("identity") if isinstance(info.get("identity"), str) else None
         dead = info.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not alive(pid, ident)
-        if dead or _expired(info.get("expiration")):
+        if dead or _expired(info.get("expiration")) or self._stale(key):
             self._path(key).unlink(missing_ok=True)
             return False
         return True
+
+    def _stale(self, key: str) -> bool:
+        """Untouched for STALE_S: its holder, wherever it runs, stopped its heartbeat."""
+        try:
+            return time.time() - self._path(key).stat().st_mtime > STALE_S
+        except FileNotFoundError:
+            return False
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         info = self._info(key)
@@ -123,9 +166,11 @@ class ExpiringLockManager:
             while True:
                 try:
                     self._create(tmp, self._path(key), body)
+                    _hold(self._path(key))
                     return True
                 except FileExistsError:
                     if self.is_lock_holder(key, holder):
+                        _hold(self._path(key))
                         return True
                     if not self.is_locked(key):
                         continue          # broken just now: try again at once
@@ -134,9 +179,10 @@ class ExpiringLockManager:
                 if not told:   # say who is in the way, once, so a wait is never silent
                     told = True
                     info = self._info(key) or {}
-                    logging.getLogger("pixelsim").info(
-                        "waiting for %s: held by %s (pid %s on %s) until it finishes or dies", self._path(key),
-                        info.get("holder"), info.get("pid"), info.get("host"))
+                    logging.getLogger("pixelsim").warning(
+                        "waiting for %s: held by %s (pid %s on %s) until it finishes, dies, or stops its "
+                        "heartbeat for %.0f s", self._path(key), info.get("holder"), info.get("pid"), info.get("host"),
+                        STALE_S)
                 time.sleep(POLL_S)
         finally:
             tmp.unlink(missing_ok=True)
@@ -154,5 +200,6 @@ class ExpiringLockManager:
                 f.write(body)
 
     def release_lock(self, key: str, holder: str) -> None:
+        _let_go(self._path(key))
         if self.is_lock_holder(key, holder):
             self._path(key).unlink(missing_ok=True)

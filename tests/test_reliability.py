@@ -448,6 +448,32 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_broken_at_once(tmp_p
         other.wait()
 
 
+def test_a_lock_from_another_host_holds_while_its_heartbeat_runs_and_is_broken_once_it_stops(tmp_path, monkeypatch):
+    """Containers on one volume: a holder on another host cannot be asked whether it lives, so
+    holders touch their lock files (a heartbeat) and a lock left untouched for STALE_S is broken."""
+    from pixelsim.storage import locks
+
+    m = locks.ExpiringLockManager(tmp_path)
+    path = tmp_path / "k.lock"
+    path.write_text(json.dumps({"holder": "x", "expiration": "2999-01-01 00:00:00+00:00", "host": "containerA",
+                                "pid": os.getpid() + 1}))
+    assert m.is_locked("k") and not m.acquire_lock("k", "me", acquire_timeout=0.3)   # fresh: held
+    old = time.time() - locks.STALE_S - 5   # its holder was killed: no heartbeat since
+    os.utime(path, (old, old))
+    assert m.acquire_lock("k", "me", acquire_timeout=1) and m.is_lock_holder("k", "me")
+    # our own heartbeat keeps the lock we hold fresh
+    monkeypatch.setattr(locks, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(locks, "_beating", None)
+    os.utime(path, (old, old))
+    m.release_lock("k", "me")
+    assert m.acquire_lock("k", "me", acquire_timeout=1)
+    os.utime(path, (old, old))
+    time.sleep(0.5)
+    assert time.time() - path.stat().st_mtime < 1 and not m._stale("k")
+    m.release_lock("k", "me")
+    assert not path.exists()
+
+
 def test_a_lock_file_caught_mid_write_counts_as_held(tmp_path):
     """Prefect creates a lock file empty, then writes it: a concurrent run reading it in between
     must wait, not crash (seen as 'EOF while parsing' failures of simultaneous runs)."""
