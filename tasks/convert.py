@@ -38,6 +38,7 @@ MAX_LISTED = 20
 # Below this many files a process pool's start (about 0.3 s) costs more than its cores save.
 POOL_MIN_IMAGES = 50_000
 SIZE_SAMPLE = 101   # training files whose headers decide the common image size
+MANY_SHARDS = 200   # beyond this many, a --shard-size under the default is worth a warning
 REUSE_MIN = 4       # an earlier shard under shard_size / REUSE_MIN images is re-decoded with the new ones
 log = logging.getLogger("pixelsim.convert")
 
@@ -218,6 +219,10 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     plan_file = posixpath.join(rel, MEMBERS)
     cuts = [(role, folder, assign(rows, role, earlier, per_shard)) for role, folder, rows in splits]
     del splits
+    shards = sum(len(chunks) for _, _, chunks in cuts)
+    if shards > MANY_SHARDS and per_shard < Options.shard_size:
+        log.warning("%d shards of at most %d images: each is a task of its own (about 0.1 s apiece with Prefect); "
+                    "a larger --shard-size (default %d) is faster", shards, per_shard, Options.shard_size)
     # the pool pays for itself by the images to decode, not those an earlier set already holds
     parallel = sum(len(chunk) for _, _, shards in cuts for source, chunk in shards if source is None) >= POOL_MIN_IMAGES
     for role, folder, shards in cuts:

@@ -7,6 +7,7 @@ import dataclasses
 from pixelsim.storage import catalog
 from pixelsim.storage.archive import BLOB, INDEX, Caps, pack
 from pixelsim.storage.cache import Outcome, reuse_or_build
+from pixelsim.storage.errors import ArchiveError
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Archive, Tree
 
@@ -27,7 +28,14 @@ def untar_archive(archive: Archive, max_members: int = Caps.max_members,
 
     def build() -> Tree:
         with r.local_file(archive.file) as local, r.publish_dir(rel) as st:
-            packed = pack(local, st.path, caps=caps)
+            try:
+                packed = pack(local, st.path, caps=caps)
+            except ArchiveError as e:
+                if "corrupt or truncated" not in str(e):
+                    raise
+                # a server that sent less than the whole file, with a Content-Length to match
+                raise ArchiveError(f"{e} (downloaded from {archive.url}: if the download was cut short, or the "
+                                   "file has been fixed since, `pixelsim run --refresh` fetches it again)") from e
             st.add(BLOB, sha256=packed.sha256, size=packed.bytes)
             st.add(INDEX)
             out = Tree(root=archive.root, dir=rel, digest="", files=packed.files, archive_sha256=archive.sha256)

@@ -112,3 +112,17 @@ def test_readers_refuse_a_damaged_report(tmp_path):
     for target in (folder, first.run_id):
         with pytest.raises(PixelsimError, match="report.json: does not match its manifest.*rebuilds it"):
             find_run(str(root), target)
+
+
+def test_a_truncated_download_says_how_to_fetch_it_again(tmp_path):
+    cut = tmp_path / "cut.tgz"
+    cut.write_bytes(TINY.read_bytes()[:200_000])   # what a server that under-reports its length leaves
+    with pytest.raises(PixelsimError, match=r"corrupt or truncated archive.*`pixelsim run --refresh` fetches it again"):
+        pixelsim.run(source=str(cut), root=str(tmp_path / "root"))
+
+
+def test_a_shard_size_that_makes_hundreds_of_tasks_is_warned_about(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="pixelsim"):
+        rep = pixelsim.run(source=str(TINY), root=str(tmp_path / "root"), shard_size=5).report
+    assert_figures(rep, TINY_FIGURES)
+    assert "280 shards of at most 5 images: each is a task of its own" in caplog.text
