@@ -32,7 +32,7 @@ def test_a_peak_over_the_limit_fails_before_decoding_naming_what_to_change(monke
     assert peak == bounds.BASE + 2 * w + 24 * 2 * w + 16 * w             # templates: one image per shard
     for bad in ("lots", "0", "-5"):
         monkeypatch.setenv(bounds.MAX_MEMORY_ENV, bad)
-        with pytest.raises(OptionError, match=f"PIXELSIM_MAX_MEMORY={bad!r}: expected a number of bytes"):
+        with pytest.raises(OptionError, match=f"PIXELSIM_MAX_MEMORY={bad!r}: expected a whole number, at least 1"):
             plan_bounds((28, 28), 2, 5000, 1)
 
 
