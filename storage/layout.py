@@ -91,10 +91,13 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
     for name in (valid_split,) if valid_split else VALID_NAMES:
         if name not in dirs[base]:
             continue
-        if _class_folders(dirs, join(base, name)):
+        found = _class_folders(dirs, join(base, name))
+        if found and any(under[join(base, name, c)] for c in found):
             valid = valid or name
             if valid != name:
                 notes.append(f"split folder {name}/ not used for evaluation ({valid}/ was)")
+        elif found:
+            notes.append(f"split folder {name}/ ignored: its class folders hold no files")
         else:
             notes.append(f"split folder {name}/ ignored: it has no class folders (unlabeled)")
     if valid is None:

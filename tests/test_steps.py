@@ -98,6 +98,10 @@ def test_layout_finds_splits_classes_and_notes():
     with pytest.raises(LayoutError, match="training split"):
         find_layout(["valid/3/a.png"])
     assert find_layout(paths, classes=["10", "2"]).classes == ["2", "10"]
+    # a valid/ of empty class folders beside a test/ that holds the images: test/ is used
+    beside = ["d/train/3/a.png", "d/train/7/b.png", "d/test/3/c.png", "d/test/7/e.png"]
+    lay = find_layout(beside, folders=["d/valid/3", "d/valid/7"])
+    assert lay.valid == "test" and "split folder valid/ ignored: its class folders hold no files" in lay.notes
 
 
 def test_atomic_publication_leaves_nothing_on_failure(tmp_path):
