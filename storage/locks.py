@@ -155,7 +155,11 @@ class ExpiringLockManager:
     def acquire_lock(self, key: str, holder: str, acquire_timeout: float | None = None,
                      hold_timeout: float | None = None) -> bool:
         """Take the lock, waiting up to `acquire_timeout` seconds (None: as long as it takes)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:   # damage: a file where the lock folder goes (locks are never kept)
+            self.dir.unlink()
+            self.dir.mkdir(parents=True, exist_ok=True)
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         body = json.dumps({"holder": holder, "host": HOST, "pid": os.getpid(), "identity": identity(os.getpid()),
                            "expiration": time.time() + (hold_timeout or self.hold_timeout)}).encode()

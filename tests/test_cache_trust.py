@@ -93,6 +93,8 @@ def test_a_file_turned_into_a_folder_is_rebuilt(tmp_path):
     manifest = only(root, "shards/mnist_tiny/*/_manifest.json")
     manifest.unlink()
     manifest.mkdir()
+    shutil.rmtree(root / "_locks", ignore_errors=True)
+    (root / "_locks").write_text("not a folder")
     again = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)
     assert_figures(again.report, TINY_FIGURES)
     assert not again.cached["convert"] and not again.cached["templates"]
