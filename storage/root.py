@@ -64,8 +64,8 @@ def digest_json(obj: Any) -> str:
 def sealed(files: list[dict], meta: dict[str, Any]) -> dict[str, Any]:
     """A manifest's body: its files, what its step records, and a `digest` of all of that, so
     that a changed byte anywhere in it (a file's hash, a part's figures, the record) is caught."""
-    body = json.loads(json.dumps({"files": files, **meta}, default=str))
-    return {"files": body.pop("files"), "digest": digest_json({"files": files, **body}), **body}
+    body = json.loads(json.dumps({"files": files, **meta}, default=str))   # as it will read back
+    return {"digest": digest_json(body), **body}
 
 
 def seal_ok(manifest: dict[str, Any]) -> bool:
