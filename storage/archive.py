@@ -168,6 +168,11 @@ _OCTAL = 8 ** np.arange(10, -1, -1, dtype=np.int64)
 _USTAR = np.frombuffer(b"ustar\0", np.uint8)
 
 
+def _unsigned_sums(a: np.ndarray) -> np.ndarray:
+    """Each 512-byte row's tar checksum: its bytes summed, the checksum field counted as spaces."""
+    return a.sum(1, dtype=np.int64) - a[:, 148:156].sum(1, dtype=np.int64) + 256
+
+
 def _octal_digits(field: np.ndarray) -> np.ndarray:
     return ((field >= 0x30) & (field <= 0x37)).all(1)
 
@@ -181,7 +186,7 @@ def _plain_sizes(buf: bytes, pos: int) -> list[int]:
     """
     n = (len(buf) - pos) >> 9
     a = np.frombuffer(buf, np.uint8, n << 9, pos).reshape(n, _BLOCK)
-    total = a.sum(1, dtype=np.int64) - a[:, 148:156].sum(1, dtype=np.int64) + 256
+    total = _unsigned_sums(a)
     chk, size = a[:, 148:154], a[:, 124:135]
     ok = ((a[:, 156] == 0x30) & _octal_digits(chk) & (a[:, 154] == 0) & (a[:, 155] == 0x20)
           & _octal_digits(size) & (a[:, 135] == 0)
@@ -300,7 +305,7 @@ class _Source:
         if not 0 <= i < len(self.sums):
             n = min(len(self.buf) - pos, _SUM_WINDOW) >> 9
             a = np.frombuffer(self.buf, np.uint8, n << 9, pos).reshape(n, _BLOCK)
-            self.sums = (a.sum(1, dtype=np.int64) - a[:, 148:156].sum(1, dtype=np.int64) + 256).tolist()
+            self.sums = _unsigned_sums(a).tolist()
             self.sums_at, i = pos, 0
         return self.sums[i]
 
@@ -725,12 +730,19 @@ class _Packer(_Writer):
             if store:
                 self.blob_hash.update(chunk)
                 self.out.write(chunk)
+        self.index_row(path, size, store, digest.hexdigest())
+
+    def index_row(self, path: str, size: int, store: bool, sha256: str) -> None:
+        """Remember a stored (or only indexed) file: its key for `finish`, its row for the index."""
         self.file_keys.append(_key(path))
-        for column, value in zip(self.batch, (path, self.offset if store else -1, size, digest.hexdigest())):
-            column.append(value)
+        paths, offsets, sizes, digests = self.batch
+        paths.append(path)
+        offsets.append(self.offset if store else -1)
+        sizes.append(size)
+        digests.append(sha256)
         self.files += 1
         self.offset += size if store else 0
-        if len(self.batch[0]) >= INDEX_BATCH:
+        if len(paths) >= INDEX_BATCH:
             self.flush()
 
     def plain(self, name: str, data: memoryview) -> None:
@@ -753,16 +765,7 @@ class _Packer(_Writer):
         if store:
             self.blob_hash.update(data)
             self.out.write(data)
-        self.file_keys.append(_key(name))
-        paths, offsets, sizes, digests = self.batch
-        paths.append(name)
-        offsets.append(self.offset if store else -1)
-        sizes.append(size)
-        digests.append(hashlib.sha256(data).hexdigest())
-        self.files += 1
-        self.offset += size if store else 0
-        if len(self.batch[0]) >= INDEX_BATCH:
-            self.flush()
+        self.index_row(name, size, store, hashlib.sha256(data).hexdigest())
 
     def flush(self) -> None:
         if self.batch[0]:
