@@ -26,7 +26,7 @@ from typing import Generic, TypeVar
 
 from pixelsim.storage.errors import IntegrityError, NotPublished
 from pixelsim.storage.locks import ExpiringLockManager
-from pixelsim.storage.root import Root, digest_json, part_of, part_record
+from pixelsim.storage.root import Root, digest_json, part_of, part_record, seal_ok, sealed
 
 T = TypeVar("T")
 LOCKS = "_locks"
@@ -101,12 +101,11 @@ def load_part(root: Root, rel: str) -> dict:
         record = root.manifest(folder)["record"]["parts"][name]
         candidates.append((rel, record))
         listed = True
-    with contextlib.suppress(FileNotFoundError, ValueError, IsADirectoryError, KeyError, AttributeError):
-        sealed = root.read_json(part_record(rel))
-        record = sealed["record"]
-        if sealed["digest"] != digest_json(record):
+    with contextlib.suppress(FileNotFoundError, ValueError, IsADirectoryError):
+        beside = root.read_json(part_record(rel))
+        if not seal_ok(beside) or not isinstance(beside.get("record"), dict):
             raise IntegrityError(f"{root.uri(part_record(rel))}: altered (its digest does not match its content)")
-        candidates += [(part_of(rel), record), (rel, record)]
+        candidates += [(part_of(rel), beside["record"]), (rel, beside["record"])]
     for path, record in candidates:
         if record.get("file", rel) != rel:   # another output's folder copied or moved here
             raise IntegrityError(f"{root.uri(rel)}: its record is that of {record.get('file')}")
@@ -124,6 +123,4 @@ def load_part(root: Root, rel: str) -> dict:
 
 def record_part(root: Root, rel: str, record: dict) -> None:
     """Write the record of a part a mapped task has just published (the part itself first)."""
-    record = json.loads(json.dumps(record))
-    root.write_bytes_atomic(part_record(rel), json.dumps({"record": record, "digest": digest_json(record)},
-                                                          separators=(",", ":")).encode())
+    root.write_bytes_atomic(part_record(rel), json.dumps(sealed({"record": record}), separators=(",", ":")).encode())

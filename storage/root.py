@@ -61,15 +61,15 @@ def digest_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
-def sealed(files: list[dict], meta: dict[str, Any]) -> dict[str, Any]:
-    """A manifest's body: its files, what its step records, and a `digest` of all of that, so
-    that a changed byte anywhere in it (a file's hash, a part's figures, the record) is caught."""
-    body = json.loads(json.dumps({"files": files, **meta}, default=str))   # as it will read back
+def sealed(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` (a manifest, a part's record) with a `digest` of all of it, so that a changed byte
+    anywhere in it (a file's hash, a part's figures, the record) is caught by `seal_ok`."""
+    body = json.loads(json.dumps(body, default=str))   # as it will read back
     return {"digest": digest_json(body), **body}
 
 
-def seal_ok(manifest: dict[str, Any]) -> bool:
-    return manifest.get("digest") == digest_json({k: v for k, v in manifest.items() if k != "digest"})
+def seal_ok(body: Any) -> bool:
+    return isinstance(body, dict) and body.get("digest") == digest_json({k: v for k, v in body.items() if k != "digest"})
 
 
 class Root:
@@ -237,7 +237,7 @@ class Root:
         if not self.local:
             with tempfile.TemporaryDirectory(prefix="pixelsim-") as tmp_dir:
                 tmp = os.path.join(tmp_dir, posixpath.basename(rel))
-                with writing(tmp):
+                with writing(self.uri(rel)):
                     yield tmp
                 publish_file(self, tmp, rel)
             return
@@ -274,7 +274,10 @@ class Root:
             if self.local:
                 os.makedirs(os.path.dirname(full), exist_ok=True)
                 with writing(full):
-                    self._link_local(self.path(src), tmp)
+                    try:
+                        os.link(self.path(src), tmp)
+                    except OSError:   # another file system, or one without hard links
+                        shutil.copyfile(self.path(src), tmp)
                 os.replace(tmp, full)
             else:
                 self.fs.copy(self.path(src), tmp)
@@ -283,13 +286,6 @@ class Root:
             with contextlib.suppress(OSError):
                 self.remove(tmp[len(self.base) + 1:])
             raise
-
-    @staticmethod
-    def _link_local(src: str, tmp: str) -> None:
-        try:
-            os.link(src, tmp)
-        except OSError:   # another file system, or one without hard links
-            shutil.copyfile(src, tmp)
 
     def promote(self, src: str, dest: str) -> None:
         """Move a finished part into its published place (a rename on local disk)."""
@@ -304,7 +300,7 @@ class Root:
 
         Unchanged manifests are not rewritten, so a fully cached run writes nothing.
         """
-        body = sealed(sorted(files, key=lambda f: f["name"]), meta)
+        body = sealed({"files": sorted(files, key=lambda f: f["name"]), **meta})
         digest = body["digest"]
         name = posixpath.join(rel, MANIFEST)
         try:
@@ -347,7 +343,7 @@ class Root:
             raise NotPublished(f"{self.uri(rel)}: no manifest (missing or never published)") from None
         except (ValueError, IsADirectoryError, NotADirectoryError) as e:
             raise IntegrityError(f"{self.uri(rel)}: unreadable manifest: {e}") from None
-        if not isinstance(manifest, dict) or not seal_ok(manifest):
+        if not seal_ok(manifest):
             raise IntegrityError(f"{self.uri(posixpath.join(rel, MANIFEST))}: altered (its digest does not match "
                                  "its content), or written by an older pixelsim")
         return manifest
@@ -412,7 +408,7 @@ class Staging:
         self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
     def write_manifest(self) -> None:
-        body = sealed([self.files[k] for k in sorted(self.files)], self.meta)
+        body = sealed({"files": [self.files[k] for k in sorted(self.files)], **self.meta})
         self.digest = body["digest"]
         with open(os.path.join(self.path, MANIFEST), "w") as f:
             json.dump(body, f, indent=1)
