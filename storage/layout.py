@@ -180,11 +180,7 @@ def split_rows(index: "pa.Table", layout: Layout, split: str) -> "pa.Table":
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    folder = posixpath.join(layout.base, split) if layout.base else split
-    prefix = folder + "/"
-    path = index.column("path")
-    rows = index.filter(pc.starts_with(path, prefix))
-    rows = rows.filter(pc.invert(pc.match_substring_regex(rows.column("path"), _HIDDEN.pattern)))
+    prefix, rows = _in_split(index, layout, split)
     # <class>/<name> below the split folder, in one regex pass (null: deeper, or not under a class)
     parts = pc.extract_regex(pc.utf8_slice_codeunits(rows.column("path"), len(prefix)),
                              r"^(?P<cls>[^/]+)/(?P<name>[^/]+)$")
@@ -213,24 +209,25 @@ def split_rows(index: "pa.Table", layout: Layout, split: str) -> "pa.Table":
 def deeper_files(index: "pa.Table", layout: Layout, split: str) -> tuple[int, str | None]:
     """Files below a class folder's own subfolders (train/7/extra/a.png), which `split_rows`
     does not read: how many, and the first in path order (for a note that names one)."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
-    prefix = (posixpath.join(layout.base, split) if layout.base else split) + "/"
-    path = index.column("path")
-    rows = index.filter(pc.starts_with(path, prefix))
+    prefix, rows = _in_split(index, layout, split)
     rest = pc.utf8_slice_codeunits(rows.column("path"), len(prefix))
     cls = pc.struct_field(pc.extract_regex(rest, r"^(?P<cls>[^/]+)/[^/]+/"), "cls")
-    deep = rows.filter(pc.and_(pc.is_valid(cls), pc.is_in(cls, value_set=pa_strings(layout.classes))))
-    deep = deep.filter(pc.invert(pc.match_substring_regex(deep.column("path"), _HIDDEN.pattern)))
+    deep = rows.filter(pc.and_(pc.is_valid(cls), pc.is_in(cls, value_set=pa.array(list(layout.classes), pa.string()))))
     if not len(deep):
         return 0, None
     return len(deep), pc.min(deep.column("path")).as_py()
 
 
-def pa_strings(values: list[str]) -> "pa.Array":
-    import pyarrow as pa
+def _in_split(index: "pa.Table", layout: Layout, split: str) -> tuple[str, "pa.Table"]:
+    """The split folder's prefix, and the index rows below it that are not hidden."""
+    import pyarrow.compute as pc
 
-    return pa.array(list(values), pa.string())
+    prefix = (posixpath.join(layout.base, split) if layout.base else split) + "/"
+    rows = index.filter(pc.starts_with(index.column("path"), prefix))
+    return prefix, rows.filter(pc.invert(pc.match_substring_regex(rows.column("path"), _HIDDEN.pattern)))
 
 
 def check_names(folders: list[str], *, train_split: str | None = None, valid_split: str | None = None,

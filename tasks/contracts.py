@@ -375,11 +375,9 @@ class Report(Output):
 
     @classmethod
     def load(cls, root: str, rel: str) -> Report:
-        manifest = Root(root).verify(rel)
-        if manifest.get("record", {}).get("dir") != rel:   # another report's folder copied or moved here
-            raise IntegrityError(f"{Root(root).uri(rel)}: holds another output than its own")
+        out = super().load(root, rel)   # the folder verified, and its own
         try:
             report = cls.located(root, json.loads(Root(root).read_bytes(f"{rel}/{cls.FILE}")))
         except (ValueError, LookupError, TypeError, AttributeError) as e:
             raise IntegrityError(f"{Root(root).uri(rel)}: unreadable {cls.FILE} ({e})") from None
-        return cls(root=root, dir=rel, digest=manifest["digest"], report=report)
+        return dataclasses.replace(out, report=report)

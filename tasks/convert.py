@@ -181,9 +181,8 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
         if not len(rows):
             raise LayoutError(f"split {folder}/ holds no images of classes {', '.join(layout.classes)}")
         deeper, first = deeper_files(index, layout, folder)
-        counts = dict.fromkeys(range(len(layout.classes)), 0)
-        counts.update(Counter(rows.column("label").to_numpy().tolist()))
-        empty = [layout.classes[i] for i, n in counts.items() if n == 0]
+        counts = np.bincount(rows.column("label").to_numpy(), minlength=len(layout.classes))
+        empty = [c for c, n in zip(layout.classes, counts) if n == 0]
         where = posixpath.join(layout.base, folder) if layout.base else folder
         if empty and role == "train":
             raise LayoutError(f"class {empty[0]}: {where}/{empty[0]}/ holds no image directly"
