@@ -157,7 +157,7 @@ def fetch_source(run: Runner, request: Request) -> tuple[Archive, dict]:
         if in_root(root, ds.source_url(), ds.pins):
             try:
                 archive = run.step("download", download_archive, ds.source_url(), root, ds.pins, 1,
-                                   offline=request.offline, retries=0 if bundled else RETRIES)
+                                   offline=request.offline)
                 return archive, described(archive)
             except DownloadError as e:
                 if not (request.offline and bundled):

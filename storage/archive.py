@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pixelsim.storage.errors import ArchiveError
+from pixelsim.storage.errors import ArchiveError, CorruptArchive
 
 _CHUNK = 1 << 20
 # Decompressed bytes tolerated beyond member data (headers, padding, read-ahead), so a
@@ -85,7 +85,7 @@ def _guard(archive: str, fn: Callable[..., Any], *args: Any) -> Any:
     try:
         return fn(*args)
     except _READ_ERRORS as e:
-        raise ArchiveError(f"{archive}: corrupt or truncated archive: {e}") from e
+        raise CorruptArchive(f"{archive}: corrupt or truncated archive: {e}") from e
 
 
 def _normalise(name: str) -> str:
@@ -229,7 +229,7 @@ class _Source:
         return data
 
     def corrupt(self, why: str) -> ArchiveError:
-        return ArchiveError(f"{self.archive}: corrupt or truncated archive: {why}")
+        return CorruptArchive(f"{self.archive}: corrupt or truncated archive: {why}")
 
     def fill(self, need: int) -> bool:
         """Make `need` unread bytes available; False if the stream ends first."""
@@ -569,7 +569,7 @@ def _tar(raw: IO[bytes], w: _Writer) -> None:
         pass
     # The marker is one whole zero block (tarfile's rule), and only zeros may follow it.
     if src.data_end > end or src.total < end + _BLOCK:
-        raise ArchiveError(f"{w.archive}: corrupt or truncated archive: bad or missing end-of-archive marker")
+        raise CorruptArchive(f"{w.archive}: corrupt or truncated archive: bad or missing end-of-archive marker")
 
 
 def _zip(raw: IO[bytes], w: _Writer) -> None:
@@ -580,7 +580,7 @@ def _zip(raw: IO[bytes], w: _Writer) -> None:
         # swallow the entries after it: the end record's entry count must match.
         end = _guard(a, zipfile._EndRecData, raw)
         if end and len(zf.infolist()) != end[zipfile._ECD_ENTRIES_TOTAL]:
-            raise ArchiveError(f"{a}: corrupt archive: the central directory lists {len(zf.infolist())} "
+            raise CorruptArchive(f"{a}: corrupt archive: the central directory lists {len(zf.infolist())} "
                                f"of its {end[zipfile._ECD_ENTRIES_TOTAL]} entries")
         for info in zf.infolist():
             ftype = stat.S_IFMT(info.external_attr >> 16)

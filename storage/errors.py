@@ -57,6 +57,10 @@ class ArchiveError(OneLine):
     """An archive is corrupt, unsafe or over its caps; names the member."""
 
 
+class CorruptArchive(ArchiveError):
+    """The archive's bytes do not decode: damaged, or cut short (at its source, too)."""
+
+
 class ImageError(PixelsimError):
     """A file is not a readable image of the expected kind; names the file."""
 

@@ -7,7 +7,7 @@ import dataclasses
 from pixelsim.storage import catalog
 from pixelsim.storage.archive import BLOB, INDEX, Caps, pack
 from pixelsim.storage.cache import Outcome, reuse_or_build
-from pixelsim.storage.errors import ArchiveError
+from pixelsim.storage.errors import CorruptArchive
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Archive, Tree
 
@@ -30,11 +30,9 @@ def untar_archive(archive: Archive, max_members: int = Caps.max_members,
         with r.local_file(archive.file) as local, r.publish_dir(rel) as st:
             try:
                 packed = pack(local, st.path, caps=caps)
-            except ArchiveError as e:
-                if "corrupt or truncated" not in str(e):
-                    raise
+            except CorruptArchive as e:
                 # a server that sent less than the whole file, with a Content-Length to match
-                raise ArchiveError(f"{e} (downloaded from {archive.url}: if the download was cut short, or the "
+                raise CorruptArchive(f"{e} (downloaded from {archive.url}: if the download was cut short, or the "
                                    "file has been fixed since, `pixelsim run --refresh` fetches it again)") from e
             st.add(BLOB, sha256=packed.sha256, size=packed.bytes)
             st.add(INDEX)
