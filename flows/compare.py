@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pixelsim.flows.show import find_run, runs_of
-from pixelsim.storage.errors import PixelsimError, shown
+from pixelsim.storage.errors import IntegrityError, PixelsimError, shown
 from pixelsim.storage.history import read_run_record
 from pixelsim.storage.root import Root
 from pixelsim.tasks.contracts import Tree
@@ -126,7 +126,7 @@ def compare(root_url: str, older: dict, newer: dict) -> RunDiff:
     for run in (older, newer):
         try:
             records.append(read_run_record(root, run["dataset"], run["run_id"]))
-        except (OSError, ValueError):
+        except (OSError, ValueError, IntegrityError):   # gone, damaged or foreign: the history row alone
             records.append({"run_id": run["run_id"], "dataset": run["dataset"], "source": {}})
     for run, rec in zip((older, newer), records):
         rec.setdefault("source", {"sha256": run.get("source_sha256", "")})

@@ -95,13 +95,14 @@ HISTORY_RUNS = 10   # runs in the history table
 
 def history_table(rows: list[dict], limit: int = HISTORY_RUNS) -> list[dict]:
     """The last runs of `rows` (a dataset's history rows of one metric, oldest first), newest
-    first, each with the change in balanced accuracy since the run before it."""
+    first, each with the change in balanced accuracy since the run before it. Class columns are
+    `class <name>`, so no class name can take the place of a fixed column."""
     out = []
     for prev, row in zip([None, *rows], rows):
         change = None if prev is None else round(row["balanced"] - prev["balanced"], 4)
         per_class = row["per_class"] if len(row["per_class"]) <= MAX_MATRIX else []   # a column per class, if few
         out.append({"time": f"{row['time']:%Y-%m-%d %H:%M:%S}", "run": row["run_id"][:8], "balanced": row["balanced"],
-                    "change": change, **{p["class"]: p["accuracy"] for p in per_class},
+                    "change": change, **{f"class {p['class']}": p["accuracy"] for p in per_class},
                     "cached steps": sum(s["cached"] for s in row["steps"]), "seconds": row["total_seconds"]})
     return out[1:][::-1] if len(rows) > limit else out[::-1]
 

@@ -9,6 +9,7 @@ globs skip, then renamed into place.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -22,7 +23,8 @@ import pyarrow.parquet as pq
 
 from pixelsim.storage import catalog
 from pixelsim.storage.catalog import HISTORY
-from pixelsim.storage.root import Root
+from pixelsim.storage.errors import IntegrityError
+from pixelsim.storage.root import Root, seal_ok, sealed
 
 OPTIONS = pa.struct([("shard_size", pa.int64()), ("channels", pa.int64()), ("resize", pa.list_(pa.int64())),
                      ("exact_resize", pa.bool_()),
@@ -73,13 +75,20 @@ def record_run(root_url: str, run_id: str, started: datetime, seconds: float, *,
     body = {"run_id": run_id, "time": started.astimezone(timezone.utc).isoformat(), "seconds": round(seconds, 3),
             "dataset": report["dataset"], "source": report["source"], "request": request, "options": options,
             "outputs": outputs, "steps": steps, "report": report["artifacts"]["report"]}
-    root.write_bytes_atomic(rel, (json.dumps(body, indent=1) + "\n").encode())
+    root.write_bytes_atomic(rel, (json.dumps(sealed(body), indent=1) + "\n").encode())
     append_run(root, history_rows(run_id, started, report, steps, seconds, options, outputs))
     return rel
 
 
 def read_run_record(root: Root, dataset: str, run_id: str) -> dict:
-    return root.read_json(catalog.run_record(dataset, run_id))
+    """The run's record, sealed like a manifest: a changed byte, a foreign or older file is an
+    IntegrityError, which callers treat like a missing record."""
+    rel = catalog.run_record(dataset, run_id)
+    body = root.read_json(rel)
+    if not seal_ok(body) or any(not isinstance(body.get(k, {}), dict) for k in ("source", "request", "options", "outputs")):
+        raise IntegrityError(f"{root.uri(rel)}: not a run record of this pixelsim (altered, foreign, or written by an "
+                             "older version)")
+    return {k: v for k, v in body.items() if k != "digest"}
 
 
 def file_name(run_id: str, started: datetime) -> str:
@@ -102,10 +111,34 @@ def append_run(root: Root, rows: list[dict]) -> str:
     if not rows:
         raise ValueError("a run has at least one metric row")
     rel = posixpath.join(HISTORY, file_name(rows[0]["run_id"], rows[0]["time"]))
-    buf = io.BytesIO()
-    pq.write_table(rows_table(rows), buf, compression="zstd")
-    root.write_bytes_atomic(rel, buf.getvalue(), posixpath.join(HISTORY, f"_tmp-{uuid.uuid4().hex}"))
+    table = rows_table(rows)
+    sealed_table = table.replace_schema_metadata({SEAL: rows_digest(_parquet_table(_parquet_bytes(table)))})
+    root.write_bytes_atomic(rel, _parquet_bytes(sealed_table), posixpath.join(HISTORY, f"_tmp-{uuid.uuid4().hex}"))
     return rel
+
+
+SEAL = b"pixelsim.rows_sha256"   # schema metadata: the digest of the file's rows, as they read back
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def _parquet_table(data: bytes) -> pa.Table:
+    return pq.ParquetFile(pa.BufferReader(data)).read()
+
+
+def rows_digest(table: pa.Table) -> str:
+    """sha256 of the rows as Arrow IPC (fresh buffers, no metadata): what a file's seal covers,
+    so one changed value anywhere in it (a figure, a class, a step) is caught on reading."""
+    t = table.replace_schema_metadata(None)
+    t = t.take(pa.array(range(len(t)), pa.int64())).combine_chunks()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema) as w:
+        w.write_table(t)
+    return hashlib.sha256(sink.getvalue()).hexdigest()
 
 
 def history_files(root: Root) -> list[str]:
@@ -115,14 +148,17 @@ def history_files(root: Root) -> list[str]:
 
 
 def _read(root: Root, path: str) -> pa.Table | None:
-    """One run's rows; None, with a warning naming the file, when it cannot be read (a damaged
-    or foreign file must not hide every other run)."""
+    """One run's rows; None, with a warning naming the file, when it cannot be read or does not
+    check out (a damaged, foreign or older file must not hide every other run, nor show as
+    figures): its schema must be SCHEMA and its rows must match their seal."""
     try:
         with root.fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read()
-        if not {"run_id", "time", "dataset", "metric"} <= set(table.column_names):
-            raise ValueError("not a pixelsim history file (missing columns)")
-        return table
+            table = _parquet_table(f.read())
+        if not table.schema.remove_metadata().equals(SCHEMA):
+            raise ValueError("not a history file of this pixelsim (other columns or types)")
+        if (table.schema.metadata or {}).get(SEAL, b"").decode("ascii", "replace") != rows_digest(table):
+            raise ValueError("its rows do not match their seal (altered, or written by an older pixelsim)")
+        return table.replace_schema_metadata(None)
     except (OSError, ValueError, pa.ArrowException) as e:
         if path not in _warned:   # once per process, however often the history is read
             _warned.add(path)

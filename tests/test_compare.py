@@ -100,3 +100,64 @@ def test_an_unreadable_history_file_is_skipped_with_a_warning_not_fatal(history,
         assert p.returncode == 0, (args, p.stderr)
         assert "garbage.parquet skipped: unreadable" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert len(json.loads(pixelsim_cli(copy, "runs", "--json").stdout)) == 3
+
+
+def _copy(history, tmp_path) -> dict:
+    root = tmp_path / "copy"
+    shutil.copytree(history["root"], root)
+    return {**history, "root": str(root)}
+
+
+def test_an_altered_history_file_is_never_shown_as_figures(history, tmp_path):
+    """Each history file is sealed (the digest of its rows in its schema metadata): a changed
+    figure, or a file of another shape that passes for one, is skipped with the warning."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    copy = _copy(history, tmp_path)
+    files = sorted((tmp_path / "copy" / "history").glob("*.parquet"))
+    newest = pq.read_table(files[-1])
+    balanced = pa.array([0.1234] * newest.num_rows)   # the seal (schema metadata) kept, a figure changed
+    pq.write_table(newest.set_column(newest.schema.get_field_index("balanced"), "balanced", balanced), files[-1])
+    # foreign files: the columns a reader looks for first, or balanced written as text
+    pq.write_table(pa.table({"run_id": ["x"], "time": pa.array([0], pa.timestamp("us", tz="UTC")),
+                             "dataset": ["tiny"], "metric": ["l1"]}), files[0].with_name("20990101T000000.000000Z-a.parquet"))
+    pq.write_table(newest.set_column(newest.schema.get_field_index("balanced"), "balanced",
+                                     pa.array(["0.9"] * newest.num_rows)), files[0].with_name("20990102T000000.000000Z-b.parquet"))
+    for args in (["runs", "--json"], ["diff", "--json"]):
+        p = pixelsim_cli(copy, *args)
+        assert p.returncode == 0, (args, p.stderr)
+        assert p.stderr.count("skipped") == 3 and "0.1234" not in p.stdout, p.stderr
+    rows = json.loads(pixelsim_cli(copy, "runs", "--json").stdout)
+    assert [r["run_id"] for r in rows] == [r.run_id for r in history["runs"][1::-1]]
+    assert rows[0]["balanced"] == history["runs"][1].report["metrics"]["l1"]["balanced"]
+
+
+def test_a_flipped_byte_anywhere_in_a_history_file_gives_the_same_rows_or_a_skip(history, tmp_path):
+    from pixelsim.storage.history import read_history
+    from pixelsim.storage.root import Root
+    copy = _copy(history, tmp_path)
+    path = sorted((tmp_path / "copy" / "history").glob("*.parquet"))[-1]
+    good, want = path.read_bytes(), read_history(Root(copy["root"])).to_pylist()
+    without = [r for r in want if r["run_id"] != history["runs"][2].run_id]   # the file skipped
+    assert len(without) == len(want) - 2
+    kept = tried = 0
+    for at in range(0, len(good), 3):
+        path.write_bytes(good[:at] + bytes([good[at] ^ 0x10]) + good[at + 1:])
+        got = read_history(Root(copy["root"])).to_pylist()
+        assert got in (want, without), at
+        kept, tried = kept + (got == want), tried + 1
+    assert 0 < kept < tried   # a flip in bytes no reader uses (statistics, padding) changes nothing
+
+
+def test_a_run_record_that_is_not_pixelsims_is_treated_as_missing(history, tmp_path):
+    """`[]`, a null source, an altered record: diff falls back on the history rows, the API says so in one line."""
+    copy = _copy(history, tmp_path)
+    third = history["runs"][2]
+    record = tmp_path / "copy" / "runs" / "tiny" / f"{third.run_id}.json"
+    good = json.loads(record.read_text())
+    for body in ([], {**good, "source": None}, {**good, "outputs": "x"}, {**good, "seconds": 1.0}):
+        record.write_text(json.dumps(body))
+        p = pixelsim_cli(copy, "diff", "--json")
+        assert p.returncode == 0 and json.loads(p.stdout)["b"]["run_id"] == third.run_id, (body, p.stderr)
+        with pytest.raises(pixelsim.PixelsimError, match="not a run record"):
+            pixelsim.open(copy["root"]).run(third.run_id)

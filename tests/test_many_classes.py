@@ -67,3 +67,17 @@ def test_the_ui_shows_the_first_templates_and_no_column_per_class(tmp_path):
            "per_class": [{"class": c, "accuracy": 0.0} for c in out.report["classes"]]}
     (shown,) = history_table([row])
     assert set(shown) == {"time", "run", "balanced", "change", "cached steps", "seconds"}
+
+
+def test_a_class_named_like_a_history_column_cannot_replace_it():
+    """Classes called balanced, change, time, run, seconds or "cached steps" are columns of their own."""
+    from datetime import datetime
+
+    from pixelsim.flows.ui import history_table
+    fixed = ["time", "run", "balanced", "change", "cached steps", "seconds"]
+    row = {"time": datetime(2026, 1, 1), "run_id": "r" * 32, "balanced": 0.9314, "total_seconds": 1.0,
+           "steps": [{"step": "download", "seconds": 0.1, "cached": True}],
+           "per_class": [{"class": c, "accuracy": 0.125} for c in fixed]}
+    (shown,) = history_table([row])
+    assert (shown["balanced"], shown["run"], shown["cached steps"], shown["seconds"]) == (0.9314, "r" * 8, 1, 1.0)
+    assert all(shown[f"class {c}"] == 0.125 for c in fixed) and len(shown) == 2 * len(fixed)

@@ -152,7 +152,7 @@ def test_run_artifacts(terminal_run, ui_server):
     table = json.loads(by_key[f"{key}-accuracy"].data)
     assert {r["class"]: r["l1 accuracy"] for r in table} == {"3": 0.8829, "7": 0.98}
     (last,) = json.loads(by_key[f"{key}-history"].data)
-    assert last["balanced"] == 0.9314 and last["change"] is None and last["3"] == 0.8829
+    assert last["balanced"] == 0.9314 and last["change"] is None and last["class 3"] == 0.8829
 
     progress = by_key[f"{key}-convert-progress"]
     assert progress.type == "progress" and progress.data == 100 and "2 of 2 shards" in progress.description
