@@ -113,6 +113,8 @@ def load_part(root: Root, rel: str) -> dict:
             found = root.sha256(path)
         except FileNotFoundError:
             continue
+        except IsADirectoryError:   # a file turned into a folder: damage, rebuilt
+            raise IntegrityError(f"{root.uri(path)}: is a folder, not the file its record names") from None
         if found == (record.get("sha256"), record.get("bytes")):
             return record
         raise IntegrityError(f"{root.uri(rel)}: does not match its record (altered or truncated)")

@@ -248,6 +248,7 @@ class Root:
             with writing(full):
                 yield tmp
             publishing(rel)
+            clear_folder(full)
             os.replace(tmp, full)
         finally:
             if os.path.exists(tmp):
@@ -278,6 +279,7 @@ class Root:
                         os.link(self.path(src), tmp)
                     except OSError:   # another file system, or one without hard links
                         shutil.copyfile(self.path(src), tmp)
+                clear_folder(full)
                 os.replace(tmp, full)
             else:
                 self.fs.copy(self.path(src), tmp)
@@ -291,6 +293,7 @@ class Root:
         """Move a finished part into its published place (a rename on local disk)."""
         if self.local:
             os.makedirs(os.path.dirname(self.path(dest)), exist_ok=True)
+            clear_folder(self.path(dest))
             os.replace(self.path(src), self.path(dest))
         else:
             self.fs.mv(self.path(src), self.path(dest))
@@ -321,8 +324,7 @@ class Root:
             with writing(full):
                 if self.local:
                     os.makedirs(os.path.dirname(full), exist_ok=True)
-                    if os.path.isdir(full) and not os.path.islink(full):   # damage: a folder where this file goes
-                        shutil.rmtree(full)
+                    clear_folder(full)
                     with open(tmp, "wb") as f:
                         f.write(data)
                     os.replace(tmp, full)
@@ -414,12 +416,20 @@ class Staging:
             json.dump(body, f, indent=1)
 
 
+def clear_folder(full: str) -> None:
+    """A folder where a file of the root is to go is damage (a file turned into a folder): it
+    goes, so the file can be published; a rename onto it would fail on every rerun."""
+    if os.path.isdir(full) and not os.path.islink(full):
+        shutil.rmtree(full)
+
+
 def publish_file(root: Root, local_path: str, rel: str) -> None:
     """Move a finished local file into the root under `rel`, atomically."""
     full = root.path(rel)
     publishing(rel)
     if root.local:
         os.makedirs(os.path.dirname(full), exist_ok=True)
+        clear_folder(full)
         os.replace(local_path, full)
         return
     tmp = f"{full}.tmp-{uuid.uuid4().hex[:12]}"

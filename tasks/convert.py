@@ -298,7 +298,7 @@ def copy_earlier(r: Root, job: ShardJob) -> Part | None:
     try:
         r.link(source.file, staged)
         found = r.sha256(staged)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):   # gone, or turned into a folder
         found = None
     if found != (source.sha256, source.bytes):
         with contextlib.suppress(OSError):

@@ -99,6 +99,16 @@ def test_a_file_turned_into_a_folder_is_rebuilt(tmp_path):
     assert_figures(again.report, TINY_FIGURES)
     assert not again.cached["convert"] and not again.cached["templates"]
     assert first.report["metrics"] == again.report["metrics"]
+    # the files that mapped tasks publish one by one (a shard, a predictions file), and the unpacking
+    for pattern in ("shards/mnist_tiny/*/train-00000-of-00003.parquet",
+                    "evaluations/mnist_tiny/*/predictions-valid-00000-of-00003.parquet", "extracted/*/members.bin"):
+        part = only(root, pattern)
+        part.unlink()
+        (part / "inside").mkdir(parents=True)
+    third = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)
+    assert first.report["metrics"] == third.report["metrics"]
+    assert not third.cached["untar"] and not third.cached["convert"] and not third.cached["evaluate"]
+    assert only(root, "shards/mnist_tiny/*/train-00000-of-00003.parquet").is_file()
 
 
 def test_readers_refuse_a_damaged_report(tmp_path):
