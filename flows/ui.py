@@ -11,6 +11,7 @@ from prefect.artifacts import (create_link_artifact, create_markdown_artifact, c
 
 from pixelsim.flows.pipeline import STEPS, RunResult
 from pixelsim.flows.progress import notify
+from pixelsim.storage import catalog
 from pixelsim.storage.artifacts import MAX_MATRIX, MAX_PICTURES
 from pixelsim.storage.history import recent_rows
 from pixelsim.storage.root import Root, digest_json
@@ -68,7 +69,7 @@ def template_images(tmpl: Templates, per_row: int = 10) -> list[str]:
     for i in range(0, len(classes), per_row):
         cells = []
         for c in classes[i:i + per_row]:
-            png = root.read_bytes(posixpath.join(tmpl.dir, f"{c}.png"))
+            png = root.read_bytes(posixpath.join(tmpl.dir, catalog.template_image(c)))
             if len(png) > MAX_INLINE:
                 return []
             name = html.escape(c, quote=True)

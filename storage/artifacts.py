@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pixelsim.storage import catalog
 from pixelsim.storage.images import encode_png
 from pixelsim.storage.root import Root, Staging
 
@@ -46,7 +47,7 @@ def write_templates(staging: Staging, classes: list[str], counts: list[int], mea
     staging.add(TEMPLATES)
     for i, name in enumerate(classes):
         pixels = np.rint(flat[i].reshape(shape) * 255).clip(0, 255).astype(np.uint8)
-        staging.write_bytes(f"{name}.png", encode_png(pixels))
+        staging.write_bytes(catalog.template_image(name), encode_png(pixels))
 
 
 def read_templates(root: Root, rel: str) -> tuple[list[str], np.ndarray, tuple[int, ...]]:

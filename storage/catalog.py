@@ -7,7 +7,7 @@ manifest verifies is the cached result. Outputs that analysts glob are scoped by
     archives/<key>/<name>                          download (key: source, fingerprint, pins)
     extracted/<key>/members.bin, members.parquet   untar (key: the archive's sha256, caps)
     shards/<dataset>/<key>/<split>-NNNNN-of-NNNNN.parquet, _plan/members.parquet
-    templates/<dataset>/<key>/templates.parquet, <class>.png
+    templates/<dataset>/<key>/templates.parquet, <class>.png (see template_image)
     evaluations/<dataset>/<key>/predictions-*.parquet, _metrics.json
     reports/<dataset>/<key>/report.json, report.md, report.html, confusion-<metric>.csv
     runs/<dataset>/<run id>.json                   what one run used and produced
@@ -54,6 +54,17 @@ def shards_dir(dataset: str, key: str) -> str:
 
 def templates_dir(dataset: str, key: str) -> str:
     return f"templates/{checked_dataset(dataset)}/{key}"
+
+
+TEMPLATE_NAME_BYTES = 200   # a file name is at most 255 bytes on most file systems; a class folder's name inside an archive is not
+
+
+def template_image(cls: str) -> str:
+    """The file name of a class's template picture: `<class>.png`, unless the class name is too
+    long for a file name or holds control characters; then `class-<sha256 of the name>.png`."""
+    if cls.isprintable() and len(cls.encode("utf-8", "surrogateescape")) <= TEMPLATE_NAME_BYTES:
+        return f"{cls}.png"
+    return f"class-{digest_json(cls)[:32]}.png"
 
 
 def evaluation_dir(dataset: str, key: str) -> str:

@@ -16,10 +16,12 @@ _DIGITS = re.compile(r"(\d+)")
 
 
 def natural_key(name: str) -> tuple:
-    """Sort "10" after "9" so class and file order reads the way people number things."""
+    """Sort "10" after "9" so class and file order reads the way people number things. Names
+    equal by number ("3", "03") are ordered by their text, so the order is total: a class list
+    never depends on a set's iteration order (which varies from process to process)."""
     parts: list = _DIGITS.split(name)   # text, digits, text, ...: digit runs at odd places
     parts[1::2] = map(int, parts[1::2])
-    return tuple(parts)
+    return tuple(parts), name
 
 
 @dataclass(frozen=True)

@@ -492,3 +492,26 @@ def test_files_below_a_class_folder_are_named_in_a_note_never_dropped_silently(t
     with pytest.raises(pixelsim.PixelsimError, match=r"class 7: ds/train/7/ holds no image directly \(6 file\(s\) in "
                                                      r"subfolders of the class folders, e.g. ds/train/7/sub/0.png"):
         pixelsim.run(source=str(archive), root=str(tmp_path / "root"))
+
+
+def test_a_class_name_too_long_for_a_file_name_still_gets_its_template(tmp_path):
+    """Inside an archive a class folder's name may be longer than a file name can be (255 bytes):
+    its template picture is named by the name's digest, and the figures are the usual ones."""
+    import pixelsim
+    from pixelsim.storage import catalog
+    long = "a" * 300
+    archive = tmp_path / "long.tgz"
+    with tarfile.open(TINY) as src, tarfile.open(archive, "w:gz", format=tarfile.PAX_FORMAT) as out:
+        for m in src.getmembers():
+            if m.isfile() and m.name.endswith(".png"):
+                data = src.extractfile(m).read()
+                m.name = m.name.replace("/3/", f"/{long}/")
+                out.addfile(m, io.BytesIO(data))
+    result = pixelsim.run(source=str(archive), root=str(tmp_path / "root"))
+    assert result.report["classes"] == ["7", long]
+    got = result.report["metrics"]["l1"]["per_class"]
+    assert (got[long], got["7"], result.report["metrics"]["l1"]["balanced"]) == (
+        TINY_FIGURES["l1"]["3"], TINY_FIGURES["l1"]["7"], TINY_FIGURES["l1"]["balanced"])
+    folder = Path(result.outputs.templates.uri())
+    assert catalog.template_image(long).startswith("class-") and (folder / catalog.template_image(long)).is_file()
+    assert (folder / "7.png").is_file() and catalog.template_image("3\nx") != "3\nx.png"

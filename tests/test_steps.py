@@ -1,6 +1,7 @@
 """The plain step functions and storage pieces, without Prefect."""
 from __future__ import annotations
 
+import os
 import io
 import tarfile
 from pathlib import Path
@@ -98,6 +99,19 @@ def test_layout_finds_splits_classes_and_notes():
     with pytest.raises(LayoutError, match="training split"):
         find_layout(["valid/3/a.png"])
     assert find_layout(paths, classes=["10", "2"]).classes == ["2", "10"]
+
+
+def test_names_equal_by_number_have_one_order_in_every_process():
+    """Class folders "3", "03" and "003" tie by number: their text decides, not the hash seed of
+    the process (a set's order), so reruns find the same classes, labels and cache keys."""
+    import subprocess
+    import sys
+    code = ("from pixelsim.storage.layout import find_layout; print(find_layout(['train/3/a.png', 'train/03/b.png', "
+            "'train/003/c.png', 'train/10/d.png', 'valid/3/e.png', 'valid/03/f.png']).classes)")
+    seen = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in range(6)}
+    assert seen == {"['003', '03', '3', '10']\n"}
+    assert sorted(["img3.png", "img03.png", "img2.png"], key=natural_key) == ["img2.png", "img03.png", "img3.png"]
     # a valid/ of empty class folders beside a test/ that holds the images: test/ is used
     beside = ["d/train/3/a.png", "d/train/7/b.png", "d/test/3/c.png", "d/test/7/e.png"]
     lay = find_layout(beside, folders=["d/valid/3", "d/valid/7"])
