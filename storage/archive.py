@@ -614,7 +614,9 @@ def _read(archive: str, w: _Writer) -> None:
     with open(archive, "rb") as raw:
         head = raw.read(tarfile.BLOCKSIZE)
         raw.seek(0)
-        if head.startswith(b"PK\x03\x04"):
+        if head.startswith(b"PK\x05\x06"):   # a zip's end record alone
+            raise ArchiveError(f"{archive}: an empty zip archive (no members)")
+        if head.startswith(b"PK\x03\x04") and not _checksum_ok(head):   # a tar member may be named PK..
             _zip(raw, w)
         else:
             _tar(_decompressor(raw, head, archive), w)
@@ -826,7 +828,10 @@ def folder_files(folder: str, skip: tuple[str, ...] = ()) -> Iterator[tuple[str,
     source, in a fixed order; folders in `skip` (real paths: the storage root when it lies
     inside the source) are left out, so a root never packs or fingerprints itself."""
     skipped = {os.path.realpath(p) for p in skip}
-    for here, dirs, files in os.walk(folder):
+    def unreadable(e: OSError) -> None:   # a folder skipped without a word would drop its images
+        raise OSError(e.errno, f"cannot list a folder of the source ({e.strerror})", e.filename) from None
+
+    for here, dirs, files in os.walk(folder, onerror=unreadable):
         dirs[:] = sorted(d for d in dirs if os.path.realpath(os.path.join(here, d)) not in skipped
                          or os.path.islink(os.path.join(here, d)))
         for name in sorted(files) + [d for d in dirs if os.path.islink(os.path.join(here, d))]:

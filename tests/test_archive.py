@@ -398,12 +398,28 @@ def test_max_member_bytes_cap(tmp_path: Path, sentinel: Path) -> None:
     assert_refused(tmp_path, archive, "member cap", Caps(max_member_bytes=99))
 
 
-@pytest.mark.parametrize("body", [b"just some notes\n" * 100, b"", b"PK\x05\x06" + bytes(18)])
+@pytest.mark.parametrize("body", [b"just some notes\n" * 100, b""])
 def test_non_archive_is_refused_by_name(tmp_path: Path, sentinel: Path, body: bytes) -> None:
     path = tmp_path / "notes.txt"
     path.write_bytes(body)
     err = assert_refused(tmp_path, path, "not a tar")
     assert str(path) in str(err)
+
+
+def test_an_empty_zip_is_named_as_one(tmp_path: Path, sentinel: Path) -> None:
+    path = tmp_path / "empty.zip"
+    path.write_bytes(b"PK\x05\x06" + bytes(18))
+    assert str(path) in str(assert_refused(tmp_path, path, "an empty zip archive"))
+
+
+def test_a_tar_whose_first_member_is_named_like_a_zip_header_is_read_as_a_tar(tmp_path: Path) -> None:
+    path = tmp_path / "pk.tar"
+    with tarfile.open(path, "w") as tf:
+        for name, data in (("PK\x03\x04.png", b"one"), ("b.png", b"two")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    assert [m.path for m in extract(path, tmp_path / "out")] == ["PK\x03\x04.png", "b.png"]
 
 
 def test_gzipped_non_tar_is_refused(tmp_path: Path, sentinel: Path) -> None:
@@ -823,3 +839,20 @@ def test_plain_headers_follow_the_caps(tmp_path: Path) -> None:
             pack(archive, tmp_path / str(i), caps=caps)
     (tmp_path / "ok").mkdir()
     assert pack(archive, tmp_path / "ok", caps=Caps(max_members=6, max_total_bytes=50, max_member_bytes=10)).files == 5
+
+
+def test_an_unreadable_folder_of_a_folder_source_is_an_error_not_a_missing_class(tmp_path: Path, monkeypatch) -> None:
+    """os.walk passes over a folder it cannot list; a folder source must not lose a class that way."""
+    from pixelsim.storage.archive import folder_files
+    for c in ("3", "7"):
+        (tmp_path / "src" / "train" / c).mkdir(parents=True)
+        (tmp_path / "src" / "train" / c / "a.png").write_bytes(b"x")
+    real = os.scandir
+
+    def scandir(path):   # what a folder without read permission does for a non-root user
+        if str(path).endswith(os.path.join("train", "7")):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match=r"cannot list a folder of the source.*train/7"):
+        list(folder_files(str(tmp_path / "src")))
