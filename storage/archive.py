@@ -818,9 +818,10 @@ def pack(archive: str | os.PathLike[str], folder: str | os.PathLike[str], *, cap
     return Packed(files=w.files, bytes=w.offset, sha256=w.blob_hash.hexdigest(), dirs=sorted(w.dirs))
 
 
-def read_index(data: bytes) -> pa.Table:
-    """The INDEX written by `pack`, from its bytes."""
-    return pq.ParquetFile(pa.BufferReader(data)).read()  # read_table would import pyarrow.dataset: 1 s
+def read_index(data: bytes | IO[bytes], columns: list[str] | None = None) -> pa.Table:
+    """The INDEX written by `pack` (or these columns of it), from its bytes or an open file."""
+    source = pa.BufferReader(data) if isinstance(data, bytes) else data
+    return pq.ParquetFile(source).read(columns=columns)  # read_table would import pyarrow.dataset: 1 s
 
 
 def folder_files(folder: str, skip: tuple[str, ...] = ()) -> Iterator[tuple[str, str, os.stat_result]]:

@@ -105,15 +105,22 @@ def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: Shar
             "counts": np.bincount(labels, minlength=len(meta.classes)).tolist()}
 
 
-def plan_bytes(parts: list[tuple[str, pa.Table]]) -> bytes:
-    """A MEMBERS file: each (shard file name, its rows of Member's columns) as one row group.
-    Deterministic for equal input."""
-    sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, PLAN_SCHEMA, compression="zstd") as w:
-        for name, rows in parts:
-            w.write_table(rows.select(list(Member._fields)).add_column(0, "part", pa.repeat(name, len(rows)))
-                          .cast(PLAN_SCHEMA), row_group_size=max(len(rows), 1))
-    return sink.getvalue().to_pybytes()
+class PlanWriter:
+    """A MEMBERS file, written a shard at a time: each (shard file name, its rows of Member's
+    columns) as one row group, so the whole plan is never held as a table. Deterministic for
+    equal input."""
+
+    def __init__(self) -> None:
+        self.sink = pa.BufferOutputStream()
+        self.writer = pq.ParquetWriter(self.sink, PLAN_SCHEMA, compression="zstd")
+
+    def add(self, name: str, rows: pa.Table) -> None:
+        self.writer.write_table(rows.select(list(Member._fields)).add_column(0, "part", pa.repeat(name, len(rows)))
+                                .cast(PLAN_SCHEMA), row_group_size=max(len(rows), 1))
+
+    def finish(self) -> bytes:
+        self.writer.close()
+        return self.sink.getvalue().to_pybytes()
 
 
 def rows_digest(rows: pa.Table) -> str:

@@ -27,7 +27,7 @@ from pixelsim.storage.images import decode_members, peek_size
 from pixelsim.storage.layout import deeper_files, find_layout, layout_paths, split_rows
 from pixelsim.storage.root import Root, part_of, publish_parts, sha256_bytes
 from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, parse_members,
-                                     plan_bytes, rows_digest)
+                                     PlanWriter, rows_digest)
 from pixelsim.tasks import pool
 from pixelsim.tasks.bounds import plan_bounds
 from pixelsim.tasks.contracts import Options, Part, ShardJob, ShardPlan, ShardSet, Tree
@@ -43,12 +43,13 @@ REUSE_MIN = 4       # an earlier shard under shard_size / REUSE_MIN images is re
 log = logging.getLogger("pixelsim.convert")
 
 
-def tree_index(tree: Tree) -> tuple[pa.Table, list[str]]:
-    """The unpacked members' index (path, offset, size, sha256, in archive order) and the
-    archive's folders (an empty class folder has no file to show it)."""
+def tree_index(tree: Tree, columns: list[str] | None = None) -> tuple[pa.Table, list[str]]:
+    """The unpacked members' index (path, offset, size, sha256, in archive order; or only these
+    `columns`) and the archive's folders (an empty class folder has no file to show it)."""
     root = Root(tree.root)
     manifest = root.manifest(tree.dir)
-    return read_index(root.read_bytes(posixpath.join(tree.dir, INDEX))), manifest.get("dirs", [])
+    with root.open(posixpath.join(tree.dir, INDEX)) as f:   # only these columns' bytes are read
+        return read_index(f, columns), manifest.get("dirs", [])
 
 
 def tree_entries(tree: Tree) -> dict[str, tuple[int, int, str]]:
@@ -121,10 +122,12 @@ def earlier_set(root: Root, dataset: str, pixels: str, own: str) -> Earlier | No
     return None
 
 
-def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) -> list[tuple[dict | None, pa.Table]]:
+def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int,
+           sha256: pa.Array | pa.ChunkedArray | None = None) -> list[tuple[dict | None, pa.Table]]:
     """Cut one split's rows into shards: first every shard of the earlier set whose members (same
     path, same sha256) are all still here, unchanged; then the other rows, in order, `shard_size`
-    at a time. Returns (the earlier shard's Part record or None, its rows) per shard.
+    at a time. Returns (the earlier shard's Part record or None, its rows) per shard. The rows'
+    digests are their `sha256` column, or `sha256` (one per row) when the rows leave them out.
 
     So a grown archive re-decodes only its new images (and those of an earlier shard that lost
     or changed a member). Only earlier shards that fit this plan's `shard_size` are taken, and
@@ -142,7 +145,7 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int) 
 
     # each row's earlier shard: by path (paths are unique), kept only if the bytes are the same
     at = pc.index_in(rows.column("path"), value_set=old.column("path"))
-    same = pc.equal(old.column("sha256").take(at), rows.column("sha256"))
+    same = pc.equal(old.column("sha256").take(at), rows.column("sha256") if sha256 is None else sha256)
     part = pc.if_else(same, old.column("part").take(at), pa.scalar(None, pa.string()))
     need = {d["values"]: d["counts"] for d in pc.value_counts(old.column("part")).to_pylist()}
     have = {d["values"]: d["counts"] for d in pc.value_counts(part.drop_null()).to_pylist()}
@@ -169,18 +172,21 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     pixels), and a part already built for that name is reused only if it was built from the
     same rows (`ShardJob.digest`). Shards of an earlier set with the same pixels key are reused
     whole where their members are unchanged (`assign`). Selection and order are Arrow work; no
-    Python object per image is made, and the unpacked index is let go once the splits are cut.
+    Python object per image is made; the cut carries paths and row numbers only (digests, sizes
+    and offsets are read after it, and taken a shard at a time as the plan file is written).
     """
     o = options
-    index, folders = tree_index(tree)
-    layout = find_layout(layout_paths(index), folders=folders, train_split=o.train_split,
+    names, folders = tree_index(tree, ["path"])
+    paths = pa.table({"path": names.column("path"), "row": pa.array(np.arange(len(names), dtype=np.int64))})
+    del names
+    layout = find_layout(layout_paths(paths), folders=folders, train_split=o.train_split,
                          valid_split=o.valid_split, classes=list(o.classes) if o.classes else None)
     splits, notes = [], list(layout.notes)
     for role, folder in zip(SPLITS, (layout.train, layout.valid)):
-        rows = split_rows(index, layout, folder).select(list(Member._fields))
+        rows = split_rows(paths, layout, folder).select(["path", "label", "row"])
         if not len(rows):
             raise LayoutError(f"split {folder}/ holds no images of classes {', '.join(layout.classes)}")
-        deeper, first = deeper_files(index, layout, folder)
+        deeper, first = deeper_files(paths, layout, folder)
         counts = np.bincount(rows.column("label").to_numpy(), minlength=len(layout.classes))
         empty = [c for c, n in zip(layout.classes, counts) if n == 0]
         where = posixpath.join(layout.base, folder) if layout.base else folder
@@ -195,14 +201,15 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
             notes.append(f"no validation image of class(es) {', '.join(empty)} in {where}/: no accuracy for them, and "
                          f"balanced is the mean over the other classes")
         splits.append((role, folder, rows))
-    del index   # the splits' rows are copies: the whole index need not outlive them
+    del paths
+    index = tree_index(tree, ["sha256", "size", "offset"])[0]
     layout = dataclasses.replace(layout, notes=notes)
     if o.resize:
         shape = tuple(o.resize)
     else:
         train = splits[0][2]
         step = max(1, len(train) // SIZE_SAMPLE)
-        picked = train.take(pa.array(range(0, len(train), step), pa.int64())).slice(0, SIZE_SAMPLE)
+        picked = members_of(index, train.take(pa.array(range(0, len(train), step), pa.int64())).slice(0, SIZE_SAMPLE))
         shape = tuple(common_size(tree, [Member(**r) for r in picked.to_pylist()]))
     shape += (3,) if o.channels == 3 else ()
     # before any decoding: images per shard by pixel bytes too, and the run's peak memory checked
@@ -214,9 +221,11 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     rel = catalog.shards_dir(dataset, key)
     pixels = pixels_key(layout.classes, shape, o)
     earlier = earlier_set(Root(tree.root), dataset, pixels, rel)
-    jobs, parts = [], []
+    jobs, plan = [], PlanWriter()
     plan_file = posixpath.join(rel, MEMBERS)
-    cuts = [(role, folder, assign(rows, role, earlier, per_shard)) for role, folder, rows in splits]
+    digests = index.column("sha256")
+    cuts = [(role, folder, assign(rows, role, earlier, per_shard, digests.take(rows.column("row")) if earlier else None))
+            for role, folder, rows in splits]
     del splits
     shards = sum(len(chunks) for _, _, chunks in cuts)
     if shards > MANY_SHARDS and per_shard < Options.shard_size:
@@ -226,24 +235,33 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     parallel = sum(len(chunk) for _, _, shards in cuts for source, chunk in shards if source is None) >= POOL_MIN_IMAGES
     for role, folder, shards in cuts:
         for i, (source, chunk) in enumerate(shards):
+            chunk = members_of(index, chunk)
             file = catalog.shard_file(rel, role, i, len(shards))
             jobs.append(ShardJob(root=tree.root, dir=rel, name=f"convert-{role}-{i:05d}", split=role, folder=folder,
-                                 file=file, plan=plan_file, group=len(parts), blob=posixpath.join(tree.dir, BLOB),
+                                 file=file, plan=plan_file, group=len(jobs), blob=posixpath.join(tree.dir, BLOB),
                                  shape=shape, classes=tuple(layout.classes), archive_sha256=tree.archive_sha256,
                                  channels=o.channels, resize=bool(o.resize),
                                  draft=bool(o.resize) and not o.exact_resize,
                                  skip_bad=o.skip_bad > 0, parallel=parallel, digest=rows_digest(chunk),
                                  reuse=json.dumps(source) if source else ""))
-            parts.append((posixpath.basename(file), chunk))
+            plan.add(posixpath.basename(file), chunk)
+    del cuts, index
     return ShardPlan(dir=rel, classes=tuple(layout.classes), shape=shape, jobs=tuple(jobs), layout=layout,
-                     pixels=pixels, plan_file=write_plan(Root(tree.root), plan_file, parts))
+                     pixels=pixels, plan_file=write_plan(Root(tree.root), plan_file, plan.finish()))
 
 
-def write_plan(r: Root, rel: str, parts: list[tuple[str, pa.Table]]) -> dict:
+def members_of(index: pa.Table, rows: pa.Table) -> pa.Table:
+    """Planned rows (path, label, row) as Member's columns, their digest, size and offset taken
+    from the unpacked index by row number."""
+    at = rows.column("row")
+    return pa.table({"path": rows.column("path"), "label": rows.column("label"),
+                     **{c: index.column(c).take(at) for c in ("sha256", "size", "offset")}}).select(list(Member._fields))
+
+
+def write_plan(r: Root, rel: str, data: bytes) -> dict:
     """Write the set's MEMBERS file, which its jobs read their rows from, unless it already holds
     these bytes (a cached run writes nothing); returns its manifest entry. Written before the
     jobs run and listed by the manifest written after them, like every file of the set."""
-    data = plan_bytes(parts)
     entry = {"file": rel, "sha256": sha256_bytes(data), "bytes": len(data)}
     with contextlib.suppress(OSError):
         if r.sha256(rel) == (entry["sha256"], entry["bytes"]):

@@ -83,13 +83,15 @@ def test_a_dead_worker_is_a_transient_error_and_the_next_try_gets_a_new_pool(tin
     from pixelsim.storage.errors import TransientError
     import pyarrow as pa
 
-    from pixelsim.storage.shards import rows_digest
+    from pixelsim.storage.shards import PlanWriter, rows_digest
     from pixelsim.tasks.contracts import ShardJob
     from pixelsim.tasks.convert import convert_shard, write_plan
     root, tree = tiny
     files = entries(root, tree, 20)
     rows = pa.Table.from_pylist([m._asdict() for m in files])
-    write_plan(Root(root), "s/_plan/members.parquet", [("train-0.parquet", rows)])
+    plan = PlanWriter()
+    plan.add("train-0.parquet", rows)
+    write_plan(Root(root), "s/_plan/members.parquet", plan.finish())
     job = ShardJob(root=root, dir="s", name="convert-train-00000", split="train", folder="train",
                    file="s/train-0.parquet", plan="s/_plan/members.parquet", group=0, digest=rows_digest(rows),
                    blob=f"{tree.dir}/members.bin",

@@ -138,11 +138,14 @@ def test_a_damaged_plan_file_is_rewritten_and_no_shard_is_decoded_again(folder, 
 def test_a_job_never_takes_rows_other_than_those_it_was_planned_with(tmp_path):
     from pixelsim.storage.errors import IntegrityError
     from pixelsim.storage.root import Root
-    from pixelsim.storage.shards import plan_rows, rows_digest
+    from pixelsim.storage.shards import PlanWriter, plan_rows, rows_digest
     from pixelsim.tasks.convert import write_plan
     r = Root(str(tmp_path))
     a, b = rows(list("ab")), rows(list("cd"))
-    write_plan(r, "p.parquet", [("train-0", a), ("train-1", b)])
+    plan = PlanWriter()
+    plan.add("train-0", a)
+    plan.add("train-1", b)
+    write_plan(r, "p.parquet", plan.finish())
     assert [m.path for m in plan_rows(r, "p.parquet", 1, rows_digest(b))] == ["c", "d"]
     with pytest.raises(IntegrityError, match="row group 0 is not the shard it was planned as"):
         plan_rows(r, "p.parquet", 0, rows_digest(b))
