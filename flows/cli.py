@@ -383,6 +383,8 @@ def command(args: argparse.Namespace) -> int:
         server.wait_ready(booting)
         if booting["started"]:
             server.watch_crashes(booting["api"])
+    elif args.command == "run":
+        server.temporary()   # a temporary server, if any, that dies with this run (`serve` refuses one)
     if args.command == "serve":
         from pixelsim.flows.serve import serve
         return serve(params, cron=args.cron, name=args.name or request.dataset, task_runner=runner,

@@ -5,7 +5,8 @@ on 127.0.0.1 in the background, says so on stderr with the UI's address, and lea
 every later run finds it (its address is kept in `$PREFECT_HOME/pixelsim-server.json`, checked
 against `/api/health`) instead of booting a temporary server (5-10 s a run). The server boots
 while the run imports Prefect, torch and the steps. `pixelsim server start|stop|status` manages
-it by hand; `PIXELSIM_SERVER=temporary` keeps Prefect's temporary server per run instead.
+it by hand; `PIXELSIM_SERVER=temporary` keeps Prefect's temporary server per run instead, which
+`temporary()` starts and ties to the run's life (`flows.tether`), so a killed run leaves none.
 Finding the server costs one local HTTP request: this module imports no Prefect, except to
 install the crash watch on a server it started (`watch_crashes`).
 """
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -188,6 +190,43 @@ def use(announce=lambda line: print(line, file=sys.stderr)) -> dict | None:
         announce(f"pixelsim: Prefect UI at {state['ui']} (pixelsim's background server)")
     state["started"] = started
     return state
+
+
+def temporary(poll_s: float = 0.05) -> None:
+    """Start Prefect's temporary API server now, if this run will use one (no API URL in the
+    environment or profile), and tether it to this process: it is stopped once the run is gone,
+    however it ended. Prefect's clients then find it started (one instance per process)."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    from pixelsim.flows.tether import tether
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return
+    srv, failed, tethered = SubprocessASGIServer(), [], set()
+
+    def boot() -> None:
+        try:
+            srv.start()
+        except BaseException as e:  # noqa: BLE001 - raised again on this thread
+            failed.append(e)
+
+    def tie() -> None:   # each process Prefect spawns (it spawns again on a port conflict)
+        proc = srv.server_process
+        if proc is not None and proc.pid not in tethered:
+            tethered.add(proc.pid)
+            tether(proc.pid)
+
+    # started on a thread so that the server is tethered while it boots (5-10 s), not after
+    booting = threading.Thread(target=boot, name="pixelsim-temporary-server", daemon=True)
+    booting.start()
+    while booting.is_alive():
+        tie()
+        booting.join(poll_s)
+    tie()
+    if failed:
+        raise failed[0]
 
 
 def watch_crashes(api: str) -> None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
+from pixelsim.storage import env
 from pixelsim.storage.errors import IntegrityError, NotPublished
 from pixelsim.storage.locks import ExpiringLockManager
 from pixelsim.storage.root import Root, digest_json, part_of, part_record, seal_ok, sealed
@@ -44,11 +45,19 @@ class Outcome(Generic[T]):
 
 
 def lock_dir(root: Root) -> Path:
-    if os.environ.get("PIXELSIM_LOCK_DIR"):
-        return Path(os.environ["PIXELSIM_LOCK_DIR"])
+    if folder := env.folder(env.LOCK_DIR):
+        return folder
     if root.local:
         return Path(root.path(LOCKS))
     return prefect_home() / "pixelsim-locks"
+
+
+def lock_manager(root: Root) -> ExpiringLockManager:
+    """The step locks of `root`; only the root's own `_locks` may be repaired (a file in its
+    place removed): any other lock folder is the user's, and nothing there is deleted."""
+    where = lock_dir(root)
+    own = root.local and where == Path(root.path(LOCKS))
+    return ExpiringLockManager(where, hold_timeout=HOLD_S, repair=own)
 
 
 def prefect_home() -> Path:
@@ -79,7 +88,7 @@ def reuse_or_build(root: Root, rel: str, load: Callable[[], T], build: Callable[
     found = reuse(True)
     if found is not None:
         return Outcome(found, True)
-    locks = ExpiringLockManager(lock_dir(root), hold_timeout=HOLD_S)
+    locks = lock_manager(root)
     key = "pixelsim-" + digest_json([root.url, rel])[:32]
     holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     locks.acquire_lock(key, holder, acquire_timeout=None, hold_timeout=HOLD_S)

@@ -14,7 +14,9 @@ import os
 import random
 import re
 import secrets
+import socket
 import stat
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -47,6 +49,13 @@ DEFAULT_MAX_BYTES = 20 * 2**30
 # failure, retried like a timeout.
 MIN_RATE = 1024
 MIN_RATE_GRACE_S = 60.0
+
+
+# A server can also trickle its response headers (the status line, then a byte every few seconds,
+# each read within the read timeout, never ending them): a request whose headers are not all in
+# HEADERS_S after it was sent (redirects included) is given up on, a transient failure like a
+# timeout. It bounds the HEAD of a source's fingerprint (storage.sources) as well as the GET.
+HEADERS_S = 30.0
 
 
 def max_bytes() -> int:
@@ -195,6 +204,62 @@ class _Part:
             self.progress(self.n, self.total)
 
 
+class HeaderDeadline:
+    """A wall-clock bound on getting a response's headers, which httpx lacks (its timeouts bound
+    each read, and a server may send a byte per read for ever). Pass `trace` as the request's
+    `trace` extension (it sees every socket the request connects); call `arrived()` once the
+    headers are here. Past the deadline the sockets are shut down, so the blocked read returns
+    at once and the request fails; `fired` then says why."""
+
+    def __init__(self, seconds: float | None = None):
+        self.seconds = HEADERS_S if seconds is None else seconds
+        self.fired = self.done = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(self.seconds, self._fire)
+        self._timer.daemon = True
+
+    @property
+    def reason(self) -> str:
+        return f"no complete response headers within {self.seconds:g} s of the request"
+
+    def __enter__(self) -> HeaderDeadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def trace(self, event: str, info: dict) -> None:
+        if event in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            sock = info["return_value"].get_extra_info("socket")
+            with self._lock:
+                self._sockets.append(sock)
+                if self.fired:
+                    self._shut(sock)
+
+    def arrived(self) -> bool:
+        """The headers are here: stop the clock. False if the deadline passed first (the sockets
+        are shut: the response cannot be read)."""
+        with self._lock:
+            self.done = True
+        self._timer.cancel()
+        return not self.fired
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self.done:
+                return
+            self.fired = True
+            for sock in self._sockets:
+                self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):   # already closed, or its descriptor taken over by TLS
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 def changed(version: tuple[str, str, int | None] | None, headers: Any, total: int | None) -> bool:
     """Whether a resumed response describes another file than the bytes we hold came from."""
     if version is None:
@@ -227,6 +292,18 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: float,
                   headers: dict[str, str]) -> None:
     shown = redact(url)
+    with HeaderDeadline() as deadline:
+        try:
+            _http_exchange(client, url, part, pins, cap, headers, deadline)
+        except (httpx.HTTPError, _Retry) as exc:
+            if deadline.fired:   # the deadline cut the request short: that is the cause, not how it ended
+                raise _Retry(shown, deadline.reason) from exc
+            raise
+
+
+def _http_exchange(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: float,
+                   headers: dict[str, str], deadline: HeaderDeadline) -> None:
+    shown = redact(url)
     chain = [url]
     while True:
         # identity + iter_raw: pins describe the stored bytes, and servers often
@@ -241,11 +318,13 @@ def _http_attempt(client: httpx.Client, url: str, part: _Part, pins: Pins, cap: 
             strong = etag if etag and not etag.startswith("W/") else ""
             if strong or modified:
                 hdrs["If-Range"] = strong or modified
-        with client.stream("GET", chain[-1], headers=hdrs) as r:
+        with client.stream("GET", chain[-1], headers=hdrs, extensions={"trace": deadline.trace}) as r:
             status = r.status_code
             if status in REDIRECT_STATUS and "location" in r.headers:
                 chain.append(redirect_target(chain, r.headers["location"]))
                 continue
+            if not deadline.arrived():
+                raise _Retry(shown, deadline.reason)
             if status in TRANSIENT_STATUS:
                 raise _Retry(shown, f"HTTP {status} {r.reason_phrase}",
                              retry_after(r.headers.get("retry-after"), cap))

@@ -27,6 +27,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from pixelsim.storage.errors import PixelsimError
+
 HOST = socket.gethostname()
 EMPTY_STALE_S = 10.0
 POLL_S = 0.1
@@ -102,9 +104,13 @@ def _expired(expiration: object) -> bool:
 
 
 class ExpiringLockManager:
-    def __init__(self, lock_files_directory: Path, hold_timeout: float = 3600.0):
+    """Locks in one folder. `repair`: a file in the folder's place is damage to remove (only for a
+    folder pixelsim owns, the storage root's `_locks`); otherwise it is refused, never deleted."""
+
+    def __init__(self, lock_files_directory: Path, hold_timeout: float = 3600.0, repair: bool = False):
         self.dir = Path(lock_files_directory)
         self.hold_timeout = hold_timeout
+        self.repair = repair
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.lock"
@@ -157,8 +163,10 @@ class ExpiringLockManager:
         """Take the lock, waiting up to `acquire_timeout` seconds (None: as long as it takes)."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:   # damage: a file where the lock folder goes (locks are never kept)
-            self.dir.unlink()
+        except FileExistsError:   # a file where the lock folder goes
+            if not self.repair:
+                raise PixelsimError(f"{self.dir}: not a folder (step locks go there); left as it is") from None
+            self.dir.unlink()     # damage in the root (locks are never kept): repaired
             self.dir.mkdir(parents=True, exist_ok=True)
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         body = json.dumps({"holder": holder, "host": HOST, "pid": os.getpid(), "identity": identity(os.getpid()),

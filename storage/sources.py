@@ -7,21 +7,28 @@ import fsspec
 import httpx
 
 from pixelsim.storage.archive import folder_files
-from pixelsim.storage.errors import DownloadError
-from pixelsim.storage.fetch import _cause, redact  # _cause masks secrets a library echoes
+from pixelsim.storage.errors import DownloadError, TransientDownloadError
+from pixelsim.storage.fetch import HeaderDeadline, _cause, redact  # _cause masks secrets a library echoes
 from pixelsim.storage.root import digest_json
 
 
 def fingerprint(url: str, timeout: float = 5.0, skip: tuple[str, ...] = ()) -> dict:
     """Size and version markers of the file behind `url`, so a changed file is a cache miss.
 
-    Raises DownloadError when the source cannot be reached at all.
+    Raises DownloadError when the source cannot be reached at all (TransientDownloadError when
+    its response headers do not come within `fetch.HEADERS_S`).
     """
     if url.startswith(("http://", "https://")):
+        deadline = HeaderDeadline()
         try:
-            resp = httpx.head(url, follow_redirects=True, timeout=timeout)
+            with deadline, httpx.Client(follow_redirects=True, timeout=timeout) as client:
+                resp = client.head(url, extensions={"trace": deadline.trace})
+                deadline.arrived()
         except httpx.HTTPError as e:
-            raise DownloadError(redact(url), f"unreachable: {_cause(e, url)}") from None
+            if not deadline.fired:
+                raise DownloadError(redact(url), f"unreachable: {_cause(e, url)}") from None
+        if deadline.fired:
+            raise TransientDownloadError(redact(url), f"HEAD: {deadline.reason}")
         if resp.status_code >= 400:
             # some servers refuse HEAD; the download itself decides what the status means
             return {"status": resp.status_code}

@@ -138,11 +138,12 @@ class Request:
 
 
 def check_environment() -> None:
-    """Read every PIXELSIM_* number and flag once, so that a bad value fails before the run starts."""
+    """Read every PIXELSIM_* number, flag and folder once, so that a bad value fails before the run starts."""
     from pixelsim.storage.fetch import max_bytes
     from pixelsim.tasks import bounds, pool
 
     env.flag(env.OFFLINE)
+    env.folder(env.LOCK_DIR)
     max_bytes()
     pool.workers()
     bounds.shard_bytes()

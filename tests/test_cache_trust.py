@@ -84,6 +84,22 @@ def test_a_changed_part_record_is_caught(tmp_path):
         load_part(r, "out/a.bin")
 
 
+def test_a_lock_folder_outside_the_root_is_never_deleted_even_when_it_is_a_file(tmp_path, monkeypatch):
+    """Only the root's own `_locks` is repaired (below): a file where any other lock folder goes
+    stays as it is and the step fails naming it, whichever way the steps are called."""
+    from pixelsim.storage.cache import reuse_or_build
+    from pixelsim.storage.locks import ExpiringLockManager
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious notes")
+    with pytest.raises(PixelsimError, match="notes.txt: not a folder"):
+        ExpiringLockManager(notes).acquire_lock("k", "me", acquire_timeout=1)
+    monkeypatch.setenv("PIXELSIM_LOCK_DIR", str(notes))   # past the check of the request: the steps alone
+    with pytest.raises(PixelsimError, match=r"PIXELSIM_LOCK_DIR=.*notes\.txt': not a folder"):
+        reuse_or_build(Root(str(tmp_path / "root")), "templates/x/k", lambda: None, lambda: "built")
+    assert notes.read_text() == "precious notes"
+
+
 def test_a_file_turned_into_a_folder_is_rebuilt(tmp_path):
     root = tmp_path / "root"
     first = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)

@@ -32,6 +32,8 @@ class Handler(BaseHTTPRequestHandler):
             self.server.requests.append((self.path, dict(self.headers)))
         self.server.behaviour(self, index)
 
+    do_HEAD = do_GET   # the behaviour sees self.command
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -602,3 +604,59 @@ def test_a_trickling_body_is_given_up_on_not_waited_for(server: Server, tmp_path
     with pytest.raises(TransientDownloadError, match=r"gave up after 2 attempt.*under 1024 bytes/s"):
         run(server.url("/slow.tgz"), tmp_path / "d", sleeps, attempts=2)
     assert len(server.requests) == 2 and leftovers(tmp_path) == []
+
+
+def test_response_headers_that_trickle_are_given_up_on_for_the_get_and_the_head(
+        server: Server, tmp_path: Path, sleeps: list[float], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status line, then a header byte at a time, never ending them: each read is well within
+    the read timeout, so only a deadline on the whole headers ends it. The GET is a transient
+    failure, retried and given up on naming the URL; the fingerprint's HEAD too."""
+    import time
+
+    import pixelsim.storage.fetch as fetch_module
+    from pixelsim.storage.sources import fingerprint
+
+    monkeypatch.setattr(fetch_module, "HEADERS_S", 0.5)
+
+    def trickle_headers(h: Handler, i: int) -> None:
+        try:
+            h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            while not h.server.release.is_set():
+                h.wfile.write(b"a")
+                h.wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+        h.close_connection = True
+
+    server.behaviour = trickle_headers
+    with pytest.raises(TransientDownloadError, match=r"gave up after 2 attempt.*no complete response headers "
+                                                     r"within 0.5 s") as e:
+        run(server.url("/slow.tgz"), tmp_path / "d", sleeps, attempts=2)
+    assert e.value.url == server.url("/slow.tgz")
+    assert len(server.requests) == 2 and leftovers(tmp_path) == []
+    with pytest.raises(TransientDownloadError, match=r"HEAD: no complete response headers within 0.5 s") as e:
+        fingerprint(server.url("/slow.tgz"))
+    assert e.value.url == server.url("/slow.tgz") and len(server.requests) == 3
+
+
+def test_headers_in_time_are_not_cut_by_the_deadline(server: Server, tmp_path: Path, sleeps: list[float],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deadline bounds the headers only: a body that takes longer than it is read to the end."""
+    import time
+
+    import pixelsim.storage.fetch as fetch_module
+
+    monkeypatch.setattr(fetch_module, "HEADERS_S", 0.3)
+
+    def slow_body(h: Handler, i: int) -> None:
+        h.send_response(200)
+        h.send_header("Content-Length", str(len(DATA)))
+        h.end_headers()
+        for k in range(0, len(DATA), len(DATA) // 4):
+            time.sleep(0.2)
+            h.wfile.write(DATA[k:k + len(DATA) // 4])
+        h.close_connection = True
+
+    server.behaviour = slow_body
+    assert run(server.url(), tmp_path / "d", sleeps, pins=PINS).sha256 == SHA and sleeps == []

@@ -70,6 +70,27 @@ def test_a_bad_environment_variable_is_one_error_naming_it_before_any_work(monke
     assert str(e.value).startswith(message)
 
 
+def test_a_lock_dir_that_is_a_file_is_one_error_before_any_work_and_the_file_survives(tmp_path, monkeypatch):
+    """PIXELSIM_LOCK_DIR naming a file (a typo, a path meant for something else) is refused
+    before any work, naming it: it is the user's file, outside the root, and is never replaced."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious notes")
+    for value, extra in ((notes, ""), (notes / "locks", f" ({notes} is a file)")):
+        monkeypatch.setenv("PIXELSIM_LOCK_DIR", str(value))
+        with pytest.raises(OptionError) as e:
+            Request.build()
+        assert str(e.value) == f"PIXELSIM_LOCK_DIR={str(value)!r}: not a folder{extra}"
+    code = "import sys; from pixelsim.flows.cli import main; sys.exit(main(sys.argv[1:]))"
+    p = subprocess.run([sys.executable, "-c", code, "run", "--source", str(TINY), "--root", str(tmp_path / "root")],
+                       capture_output=True, text=True, timeout=60, cwd=PROJECT,
+                       env={**base_env(tmp_path / "home"), "PIXELSIM_LOCK_DIR": str(notes)})
+    assert p.returncode == 2, p.stderr
+    assert p.stderr == f"pixelsim: error: PIXELSIM_LOCK_DIR={str(notes)!r}: not a folder\n"
+    assert notes.read_text() == "precious notes" and not (tmp_path / "root").exists()
+    monkeypatch.setenv("PIXELSIM_LOCK_DIR", str(tmp_path / "new" / "locks"))   # one to be made is fine
+    assert Request.build().dataset == "mnist_sample"
+
+
 def test_environment_flags_and_numbers_that_are_read(monkeypatch):
     from pixelsim.storage.fetch import max_bytes
     from pixelsim.tasks import pool

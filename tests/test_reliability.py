@@ -409,6 +409,72 @@ def test_simultaneous_runs_on_one_root_do_each_step_once(cli, site, tmp_path):
     assert len(s.gets) == 1
 
 
+def _children(pid: int) -> dict[int, tuple[str | None, str]]:
+    """The live children of `pid`: their identity (to tell a reused pid) and command line."""
+    from pixelsim.storage.locks import identity
+
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                child = int(stat.parent.name)
+                found[child] = (identity(child), (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ValueError, IndexError):
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
+def test_a_run_killed_mid_run_leaves_no_temporary_server_behind(tmp_path):
+    """No PREFECT_API_URL: the run's temporary Prefect server is its child. SIGKILLed while it
+    downloads, the run runs no exit handler; its children (the server included) are still gone
+    within a bounded wait, instead of the server living on under init."""
+    from pixelsim.storage.locks import alive
+
+    asked, hold = threading.Event(), threading.Event()
+
+    class Stall(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+
+        def do_GET(self) -> None:   # the download waits here until the test is over
+            asked.set()
+            hold.wait(120)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    env = {**base_env(tmp_path / "home"), "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "results")}
+    with open(tmp_path / "log", "w") as log:
+        p = subprocess.Popen([PIXELSIM, "run", "--source", f"http://127.0.0.1:{srv.server_address[1]}/x.tgz",
+                              "--root", str(tmp_path / "root")], env=env, stdout=log, stderr=log)
+    children: dict[int, tuple[str | None, str]] = {}
+    try:
+        assert asked.wait(240), (tmp_path / "log").read_text()[-3000:]   # mid-run: in the download step
+        children = _children(p.pid)
+        assert any("uvicorn" in cmd for _, cmd in children.values()), children   # the temporary server
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + 20
+        while (left := {c: v for c, v in children.items() if alive(c, v[0])}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left == {}, f"still running 20 s after the run was killed: {left}"
+    finally:
+        hold.set()
+        if p.poll() is None:
+            p.kill()
+        for child, (ident, _) in children.items():   # only this run's own children, by pid
+            if alive(child, ident):
+                os.kill(child, 9)
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_a_dead_holders_lock_is_broken_at_once(tmp_path):
     from pixelsim.storage.locks import HOST, ExpiringLockManager
 
