@@ -9,7 +9,6 @@ globs skip, then renamed into place.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -25,6 +24,7 @@ from pixelsim.storage import catalog
 from pixelsim.storage.catalog import HISTORY
 from pixelsim.storage.errors import IntegrityError
 from pixelsim.storage.root import Root, seal_ok, sealed
+from pixelsim.storage.tables import table_digest
 
 OPTIONS = pa.struct([("shard_size", pa.int64()), ("channels", pa.int64()), ("resize", pa.list_(pa.int64())),
                      ("exact_resize", pa.bool_()),
@@ -112,7 +112,7 @@ def append_run(root: Root, rows: list[dict]) -> str:
         raise ValueError("a run has at least one metric row")
     rel = posixpath.join(HISTORY, file_name(rows[0]["run_id"], rows[0]["time"]))
     table = rows_table(rows)
-    sealed_table = table.replace_schema_metadata({SEAL: rows_digest(_parquet_table(_parquet_bytes(table)))})
+    sealed_table = table.replace_schema_metadata({SEAL: table_digest(_parquet_table(_parquet_bytes(table)))})
     root.write_bytes_atomic(rel, _parquet_bytes(sealed_table), posixpath.join(HISTORY, f"_tmp-{uuid.uuid4().hex}"))
     return rel
 
@@ -130,17 +130,6 @@ def _parquet_table(data: bytes) -> pa.Table:
     return pq.ParquetFile(pa.BufferReader(data)).read()
 
 
-def rows_digest(table: pa.Table) -> str:
-    """sha256 of the rows as Arrow IPC (fresh buffers, no metadata): what a file's seal covers,
-    so one changed value anywhere in it (a figure, a class, a step) is caught on reading."""
-    t = table.replace_schema_metadata(None)
-    t = t.take(pa.array(range(len(t)), pa.int64())).combine_chunks()
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, t.schema) as w:
-        w.write_table(t)
-    return hashlib.sha256(sink.getvalue()).hexdigest()
-
-
 def history_files(root: Root) -> list[str]:
     """Published history files, oldest first (temporary `_tmp-*` files are not listed)."""
     pattern = root.path(posixpath.join(HISTORY, "*.parquet"))
@@ -156,7 +145,7 @@ def _read(root: Root, path: str) -> pa.Table | None:
             table = _parquet_table(f.read())
         if not table.schema.remove_metadata().equals(SCHEMA):
             raise ValueError("not a history file of this pixelsim (other columns or types)")
-        if (table.schema.metadata or {}).get(SEAL, b"").decode("ascii", "replace") != rows_digest(table):
+        if (table.schema.metadata or {}).get(SEAL, b"").decode("ascii", "replace") != table_digest(table):
             raise ValueError("its rows do not match their seal (altered, or written by an older pixelsim)")
         return table.replace_schema_metadata(None)
     except (OSError, ValueError, pa.ArrowException) as e:

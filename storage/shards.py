@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from pixelsim.storage.errors import IntegrityError
 from pixelsim.storage.images import decode_members
 from pixelsim.storage.root import Root, sha256_file
+from pixelsim.storage.tables import table_digest
 
 META_KEY = b"pixelsim"
 # A set's plan: which archive members each of its shards holds, one row group per shard, in
@@ -127,12 +128,7 @@ def rows_digest(rows: pa.Table) -> str:
     """The digest of what a shard's rows are made of (paths, labels, sha256s, in order), the
     same for equal rows wherever they were sliced from."""
     made_of = ["path", "label", "sha256"]
-    t = rows.select(made_of).cast(pa.schema([PLAN_SCHEMA.field(c) for c in made_of]))
-    t = t.take(pa.array(np.arange(len(t)), pa.int64())).combine_chunks()   # fresh buffers: no slice offsets
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, t.schema) as w:
-        w.write_table(t)
-    return hashlib.sha256(sink.getvalue()).hexdigest()
+    return table_digest(rows.select(made_of).cast(pa.schema([PLAN_SCHEMA.field(c) for c in made_of])))
 
 
 def plan_rows(root: Root, rel: str, group: int, digest: str) -> list[Member]:
