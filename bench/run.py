@@ -207,15 +207,14 @@ def w_limits(p: dict) -> dict:
     import hashlib
     import numpy as np
     from pixelsim.storage.root import Root
-    from pixelsim.storage.shards import Member, iter_arrays, member_bytes
+    from pixelsim.storage.shards import iter_arrays, member_bytes
     from pixelsim.tasks.contracts import ShardSet, Tree
     from pixelsim.tasks.convert import tree_index
     root = Root(p["root"])
     tree, shards = Tree.load(p["root"], p["tree"]), ShardSet.load(p["root"], p["shards"])
     index = tree_index(tree)[0]
     sample = index.slice(0, 20_000).to_pylist()
-    datas = member_bytes(root, f"{tree.dir}/members.bin", [Member(r["path"], 0, r["sha256"], r["size"], r["offset"])
-                                                           for r in sample])
+    datas = member_bytes(root, f"{tree.dir}/members.bin", [r["offset"] for r in sample], [r["size"] for r in sample])
     _, t_hash = timed(lambda: [hashlib.sha256(d).digest() for d in datas])
     try:
         from pyspng import load as decode

@@ -72,37 +72,51 @@ def write_shard(path: str, meta: ShardMeta, paths: list[str], labels: np.ndarray
     pq.write_table(table, path, compression="zstd", row_group_size=max(n, 1))
 
 
-def member_bytes(root: Root, blob: str, files: list[Member]) -> list[bytes]:
-    """The bytes of these members in the members `blob` (b"" for one that was indexed but not
-    stored: not an image by its name, see storage.archive)."""
-    stored = [f for f in files if f.offset >= 0]
-    got = iter(root.read_ranges(blob, [(f.offset, f.size) for f in stored]) if stored else [])
-    return [next(got) if f.offset >= 0 else b"" for f in files]
+def member_bytes(root: Root, blob: str, offsets: list[int], sizes: list[int]) -> list[bytes]:
+    """The bytes of the members at these offsets and sizes in the members `blob` (b"" for one
+    that was indexed but not stored, offset -1: not an image by its name, see storage.archive)."""
+    stored = [(o, n) for o, n in zip(offsets, sizes) if o >= 0]
+    if len(stored) == len(offsets):
+        return root.read_ranges(blob, stored)
+    got = iter(root.read_ranges(blob, stored) if stored else [])
+    return [next(got) if o >= 0 else b"" for o in offsets]
 
 
-def build_shard(root: str, blob: str, files: list[Member], dest: str, meta: ShardMeta, *,
+class PlanGroup(NamedTuple):
+    """A shard's rows by reference: its row group of the set's plan file and the digest it was
+    planned with. A pool worker reads them itself, so the flow's process neither reads nor
+    pickles a shard's rows."""
+
+    plan: str
+    group: int
+    digest: str
+
+
+def build_shard(root: str, blob: str, rows: pa.Table | PlanGroup, dest: str, meta: ShardMeta, *,
                 channels: int = 1, resize: bool = False, draft: bool = False, skip_bad: bool = False) -> dict:
-    """Read one shard's members from the `blob` file, check each against its digest, decode
-    them and write the shard to `dest` (a part path).
+    """Read one shard's members (`rows` of Member's columns, or their PlanGroup) from the `blob`
+    file, check each against its digest, decode them and write the shard to `dest` (a part path).
 
     The whole shard is one call with small arguments, so a process pool worker can do all of
     it (reads, hashing, decoding, Parquet) while importing only `storage`. With bad files and
     not `skip_bad` nothing is written: {"errors": [...]} tells the caller.
     """
     r = Root(root)
-    datas = member_bytes(r, blob, files)
-    images, good, errors = decode_members([(f.path, f.sha256, d) for f, d in zip(files, datas)],
+    if isinstance(rows, PlanGroup):
+        rows = plan_rows(r, *rows)
+    paths = rows.column("path").to_pylist()
+    datas = member_bytes(r, blob, rows.column("offset").to_pylist(), rows.column("size").to_pylist())
+    images, good, errors = decode_members(list(zip(paths, rows.column("sha256").to_pylist(), datas)),
                                           channels=channels, size=tuple(meta.shape[:2]), resize=resize,
                                           draft=draft)
     if errors and not skip_bad:
         return {"errors": errors}
-    kept = [files[i] for i in good]
     pixels = np.stack(images) if images else np.zeros((0, *meta.shape), np.uint8)
-    labels = np.array([f.label for f in kept], dtype=np.int64)
+    labels = rows.column("label").to_numpy()[np.array(good, dtype=np.int64)].astype(np.int64)
     with r.staged_file(dest) as tmp:
-        write_shard(tmp, meta, [f.path for f in kept], labels, pixels)
+        write_shard(tmp, meta, [paths[i] for i in good], labels, pixels)
         digest, size = sha256_file(tmp)
-    return {"sha256": digest, "bytes": size, "rows": len(kept), "errors": errors,
+    return {"sha256": digest, "bytes": size, "rows": len(good), "errors": errors,
             "counts": np.bincount(labels, minlength=len(meta.classes)).tolist()}
 
 
@@ -131,14 +145,15 @@ def rows_digest(rows: pa.Table) -> str:
     return table_digest(rows.select(made_of).cast(pa.schema([PLAN_SCHEMA.field(c) for c in made_of])))
 
 
-def plan_rows(root: Root, rel: str, group: int, digest: str) -> list[Member]:
-    """One shard's members from its set's MEMBERS file, checked against the digest it was planned with."""
+def plan_rows(root: Root, rel: str, group: int, digest: str) -> pa.Table:
+    """One shard's members (Member's columns) from its set's MEMBERS file, checked against the
+    digest it was planned with."""
     with root.open(rel) as f:
         rows = pq.ParquetFile(f).read_row_group(group, columns=list(Member._fields))
     if rows_digest(rows) != digest:
         raise IntegrityError(f"{root.uri(rel)}: row group {group} is not the shard it was planned as "
                              "(the plan was rewritten or damaged); run again")
-    return [Member(*r) for r in zip(*(rows.column(c).to_pylist() for c in Member._fields))]
+    return rows
 
 
 def parse_members(data: bytes) -> pa.Table:

@@ -17,7 +17,7 @@ from pixelsim.storage import catalog, env
 from pixelsim.storage.errors import IntegrityError, OptionError
 from pixelsim.storage.root import Root
 from pixelsim.storage.layout import Layout
-from pixelsim.storage.shards import Member, plan_rows
+from pixelsim.storage.shards import PlanGroup
 
 METRICS = ("l1", "rmse")
 DEFAULT_ROOT = "pixelsim-data"
@@ -254,8 +254,8 @@ class ShardJob:
     digest: str = ""         # of the members' paths, labels and digests: what the shard's rows are made of
     reuse: str = ""          # JSON of the Part record of an earlier set's shard with exactly these members
 
-    def entries(self) -> list[Member]:
-        return plan_rows(Root(self.root), self.plan, self.group, self.digest)
+    def rows(self) -> PlanGroup:
+        return PlanGroup(self.plan, self.group, self.digest)
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ def tree_entries(tree: Tree) -> dict[str, tuple[int, int, str]]:
 
 def read_members(tree: Tree, files: list[Member]) -> list[bytes]:
     """These members' bytes from this unpacked archive's members blob."""
-    return member_bytes(Root(tree.root), posixpath.join(tree.dir, BLOB), files)
+    return member_bytes(Root(tree.root), posixpath.join(tree.dir, BLOB), [f.offset for f in files], [f.size for f in files])
 
 
 def common_size(tree: Tree, picked: list[Member]) -> tuple[int, int]:
@@ -284,7 +284,7 @@ def convert_shard(job: ShardJob, refresh: bool = False) -> Outcome[Part]:
             return part
         meta = ShardMeta(shape=tuple(job.shape), classes=list(job.classes), split=job.folder,
                          source_sha256=job.archive_sha256)
-        args = (job.root, job.blob, job.entries(), part_of(job.file), meta)
+        args = (job.root, job.blob, job.rows(), part_of(job.file), meta)
         kw = {"channels": job.channels, "resize": job.resize, "draft": job.draft, "skip_bad": job.skip_bad}
         ex = pool.pool() if job.parallel else None
         try:

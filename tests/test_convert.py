@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from conftest import TINY, plain_pipeline
@@ -27,6 +28,11 @@ def entries(root: str, tree, n: int = 60) -> list[Member]:
     return [Member(p, i % 2, sha, size, off) for i, (p, (off, size, sha)) in enumerate(found)]
 
 
+def table(files: list[Member]) -> pa.Table:
+    """Shard members as the rows build_shard takes (a plan file's columns)."""
+    return pa.table({c: [getattr(m, c) for m in files] for c in Member._fields})
+
+
 def test_pool_builds_exactly_what_one_process_builds(tiny, monkeypatch):
     root, tree = tiny
     files = entries(root, tree)
@@ -34,11 +40,11 @@ def test_pool_builds_exactly_what_one_process_builds(tiny, monkeypatch):
         files[i] = files[i]._replace(path=files[i].path[:-4] + ".jpg")
     meta = ShardMeta(shape=(28, 28), classes=["a", "b"], split="train", source_sha256="")
     blob = f"{tree.dir}/members.bin"
-    here = build_shard(root, blob, files, "out/here.parquet", meta, skip_bad=True)
+    here = build_shard(root, blob, table(files), "out/here.parquet", meta, skip_bad=True)
     monkeypatch.setenv(pool.ENV, "2")
     try:
-        spread = pool.pool().submit(build_shard, root, blob, files, "out/spread.parquet", meta, skip_bad=True).result()
-        refused = pool.pool().submit(build_shard, root, blob, files, "out/refused.parquet", meta).result()
+        spread = pool.pool().submit(build_shard, root, blob, table(files), "out/spread.parquet", meta, skip_bad=True).result()
+        refused = pool.pool().submit(build_shard, root, blob, table(files), "out/refused.parquet", meta).result()
     finally:
         pool.shutdown()
     assert here == spread and here["rows"] == 58 and here["counts"] == [29, 29]
@@ -183,4 +189,4 @@ def test_a_member_whose_bytes_changed_is_a_damaged_cache_never_a_skipped_image(t
     files[1] = files[1]._replace(sha256="0" * 64)
     meta = ShardMeta(shape=(28, 28), classes=["a", "b"], split="train", source_sha256="")
     with pytest.raises(MemberChanged, match=f"{files[1].path}: its bytes in the unpacked archive changed"):
-        build_shard(root, f"{tree.dir}/members.bin", files, "out/x.parquet", meta, skip_bad=True)
+        build_shard(root, f"{tree.dir}/members.bin", table(files), "out/x.parquet", meta, skip_bad=True)
