@@ -38,10 +38,13 @@ from pixelsim.storage.errors import ImageError, MemberChanged, shown
 
 try:  # optional accelerator; Pillow handles everything without it
     import pyspng as _spng
+    from pyspng import _pyspng_c as _spng_c
+    _SPNG_FORMATS = {1: _spng_c.SPNG_FMT_G8, 3: _spng_c.SPNG_FMT_RGB8, 4: _spng_c.SPNG_FMT_RGBA8}
 except Exception:  # noqa: BLE001 - a broken build must not break decoding
     _spng = None
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+_SUFFIXES = tuple(IMAGE_SUFFIXES)
 MAX_PIXELS = 64 * 1024 * 1024
 # A reduced-scale JPEG decode stops at twice the target size or more, so the final bilinear
 # resize still averages over its footprint (stopping at the target size itself was faster but
@@ -53,6 +56,8 @@ _SPNG_CHANNELS = {0: 1, 2: 3, 6: 4}  # PNG colour type -> channels, 8-bit only
 _CHUNK = struct.Struct(">I4s").unpack_from  # length, type
 _U32 = struct.Struct(">I").unpack_from
 _IHDR = struct.Struct(">IIBB").unpack_from  # width, height, bit depth, colour type
+_IHDR_AT_8 = b"\x00\x00\x00\rIHDR"      # the first chunk's length (13) and type
+_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the last chunk: empty, so always this CRC
 
 
 def decoder_name() -> str:
@@ -69,11 +74,25 @@ def _sniff(data: bytes) -> str | None:
 
 
 def _check_png(data: bytes, name: str) -> tuple[int, int, int, int, bool]:
-    """Walk every chunk verifying its CRC; return (w, h, depth, colour type, animated).
+    """Verify every chunk's CRC; return (w, h, depth, colour type, animated).
 
     Catches truncation and bit flips that libspng (CRC checks off) and Pillow
     (skips IDAT CRCs, stops inflating before the Adler-32) would let through.
     """
+    # most files are IHDR, one IDAT, IEND: three fixed places instead of a walk (IEND, empty,
+    # has a constant CRC); anything else, or any mismatch, takes the walk, which names the fault
+    n = len(data)
+    if n >= 57 and data.startswith(_IHDR_AT_8, 8) and data.endswith(_IEND):
+        length, kind = _CHUNK(data, 33)
+        if (kind == b"IDAT" and length == n - 57 and zlib.crc32(data[12:29]) == _U32(data, 29)[0]
+                and zlib.crc32(data[37:n - 16]) == _U32(data, n - 16)[0]):
+            header = _IHDR(data, 16)
+            if header[0] * header[1] <= MAX_PIXELS:
+                return (*header, False)
+    return _walk_png(data, name)
+
+
+def _walk_png(data: bytes, name: str) -> tuple[int, int, int, int, bool]:
     n, pos, header, animated = len(data), 8, None, False
     while True:
         if pos + 12 > n:
@@ -102,8 +121,7 @@ def _spng_decode16(data: bytes, w: int, h: int, ctype: int) -> np.ndarray | None
     """A 16-bit colour or gray+alpha PNG, each channel rounded to 8 bits (Pillow truncates
     these to their high byte); None = use Pillow."""
     try:   # pyspng's own load() offers no 16-bit output format; its C binding does
-        from pyspng import _pyspng_c as c
-        arr = c.spng_decode_image_bytes(data, c.SPNG_FMT_RGBA16)
+        arr = _spng_c.spng_decode_image_bytes(data, _spng_c.SPNG_FMT_RGBA16)
     except Exception:  # noqa: BLE001 - Pillow gives the authoritative error
         return None
     if arr.dtype != np.uint16 or arr.shape != (h, w, 4):
@@ -119,13 +137,13 @@ def _spng_decode(data: bytes, w: int, h: int, depth: int, ctype: int) -> np.ndar
     nc = _SPNG_CHANNELS.get(ctype)
     if _spng is None or depth != 8 or nc is None:
         return None
-    try:
-        arr = _spng.load(data)
+    try:   # pyspng's C binding with the format fixed (its load() picks it from the header again)
+        arr = _spng_c.spng_decode_image_bytes(data, _SPNG_FORMATS[nc])
     except Exception:  # noqa: BLE001 - Pillow gives the authoritative error
         return None
-    if arr.dtype != np.uint8 or arr.shape != ((h, w) if nc == 1 else (h, w, nc)):
+    if arr.dtype != np.uint8 or arr.shape != (h, w, nc):
         return None
-    return arr
+    return arr[:, :, 0] if nc == 1 else arr
 
 
 def _pillow_decode(data: bytes, name: str, fmt: str, draft: tuple[int, int] | None = None) -> np.ndarray:
@@ -227,7 +245,7 @@ def decode_members(items: list[tuple[str, str, bytes]], *, channels: int = 1,
     images, kept, errors = [], [], []
     for i, (name, sha256, data) in enumerate(items):
         try:
-            if not name.lower().endswith(tuple(IMAGE_SUFFIXES)):   # its bytes were never stored
+            if not name.lower().endswith(_SUFFIXES):   # its bytes were never stored
                 decode(data, name)   # raises the ImageError naming the extension
             if hashlib.sha256(data).hexdigest() != sha256:   # the cache is damaged, not the image
                 raise MemberChanged(f"{shown(name)}: its bytes in the unpacked archive changed since it was unpacked")

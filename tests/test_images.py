@@ -156,6 +156,22 @@ def test_flipped_idat_byte_fails_crc(path):
         decode(bytes(data), "c.png")
 
 
+def test_every_flipped_bit_of_a_one_idat_png_is_an_error_or_the_same_pixels(path):
+    """Most PNGs are IHDR, one IDAT, IEND, checked by a shortcut; a flipped bit anywhere in such a
+    file (length fields, chunk types, CRCs, the end marker) must still be caught or harmless."""
+    data = save(GRAY)
+    assert data.count(b"IDAT") == 1 and data.endswith(b"IEND\xaeB`\x82")
+    for i in range(len(data)):
+        for bit in (0x01, 0x80):
+            flipped = bytearray(data)
+            flipped[i] ^= bit
+            try:
+                out = decode(bytes(flipped), "f.png")
+            except ImageError:
+                continue
+            np.testing.assert_array_equal(out, GRAY, err_msg=f"byte {i} bit {bit:#x}")
+
+
 def test_size_mismatch_and_resize(path):
     with pytest.raises(ImageError, match=r"s.png: expected size 32x32 \(HxW\), got 28x28"):
         decode(save(GRAY), "s.png", size=(32, 32))
