@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import posixpath
 import socket
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Generic, TypeVar
 
 from pixelsim.storage import env
-from pixelsim.storage.errors import IntegrityError, NotPublished
+from pixelsim.storage.errors import IntegrityError, NotPublished, PixelsimError
 from pixelsim.storage.locks import ExpiringLockManager
 from pixelsim.storage.root import Root, digest_json, part_of, part_record, seal_ok, sealed
 
@@ -73,6 +74,9 @@ def reuse_or_build(root: Root, rel: str, load: Callable[[], T], build: Callable[
     After the lock is taken the root is looked at again: a concurrent run may have published
     the output meanwhile.
     """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise PixelsimError("pixelsim was called while a new worker process was importing the main script; put "
+                            "the script's pixelsim calls under `if __name__ == \"__main__\":`")
     invalid: list[str] = []
 
     def reuse(tell: bool) -> T | None:

@@ -1,6 +1,8 @@
 """Convert's shard building: the shared process pool must give exactly what one process gives."""
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from conftest import TINY, plain_pipeline
+from conftest import TINY, TINY_FIGURES, plain_pipeline
 from pixelsim.storage.root import Root
 from pixelsim.storage.shards import Member, ShardMeta, build_shard, iter_arrays
 from pixelsim.tasks import convert, pool
@@ -81,6 +83,43 @@ def test_pool_size_rules(monkeypatch):
     out = subprocess.run([sys.executable, "-"], input=code, capture_output=True, text=True, check=True,
                          cwd=str(TINY.parent.parent.parent))
     assert out.stdout.strip() == "0"
+
+
+SCRIPT = """
+import json, sys
+import pixelsim
+from pixelsim.tasks import convert, pool
+convert.POOL_MIN_IMAGES = 1   # the pool even for the tiny archive
+{body}
+"""
+RUN = ("result = pixelsim.run(dataset='tiny', source=sys.argv[1], root=sys.argv[2], shard_size=300)\n"
+       "print(json.dumps([pool.workers(), result.report['metrics']['l1']['balanced']]))")
+
+
+@pytest.mark.parametrize("guarded", [False, True])
+def test_a_script_without_a_main_guard_runs_on_one_core_instead_of_hanging(tmp_path, guarded):
+    """Pool workers import the main script; one that calls pixelsim at its top level would start
+    the run again in each worker, which then waits forever for its parent's locks."""
+    body = ("if __name__ == '__main__':\n" + "\n".join("    " + line for line in RUN.splitlines())) if guarded else RUN
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT.format(body=body))
+    env = {**os.environ, pool.ENV: "2", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    out = subprocess.run([sys.executable, str(script), str(TINY), str(tmp_path / "root")], capture_output=True,
+                         text=True, timeout=120, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [2 if guarded else 0, TINY_FIGURES["l1"]["balanced"]]
+    warned = f"decoding on one core: {script} calls pixelsim outside an `if __name__ == \"__main__\":` block"
+    assert (warned in out.stderr) != guarded, out.stderr
+
+
+def test_a_step_started_while_a_worker_imports_the_main_script_is_refused(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from pixelsim.storage.cache import reuse_or_build
+    from pixelsim.storage.errors import PixelsimError
+    monkeypatch.setattr(multiprocessing.current_process(), "_inheriting", True, raising=False)
+    with pytest.raises(PixelsimError, match="put the script's pixelsim calls under `if __name__ == \"__main__\":`"):
+        reuse_or_build(Root(str(tmp_path)), "x", lambda: 1, lambda: 1)
 
 
 def test_a_dead_worker_is_a_transient_error_and_the_next_try_gets_a_new_pool(tiny, monkeypatch):
