@@ -79,8 +79,14 @@ def _check_png(data: bytes, name: str) -> tuple[int, int, int, int, bool]:
     Catches truncation and bit flips that libspng (CRC checks off) and Pillow
     (skips IDAT CRCs, stops inflating before the Adler-32) would let through.
     """
-    # most files are IHDR, one IDAT, IEND: three fixed places instead of a walk (IEND, empty,
-    # has a constant CRC); anything else, or any mismatch, takes the walk, which names the fault
+    header = _one_idat(data)
+    return (*header, False) if header is not None else _walk_png(data, name)
+
+
+def _one_idat(data: bytes) -> tuple[int, int, int, int] | None:
+    """(w, h, depth, colour type) of a PNG made of IHDR, one IDAT and IEND, every CRC right and
+    under the pixel cap, checked at three fixed places (IEND, empty, has a constant CRC); None
+    for anything else, which the walk then checks (and names the fault of)."""
     n = len(data)
     if n >= 57 and data.startswith(_IHDR_AT_8, 8) and data.endswith(_IEND):
         length, kind = _CHUNK(data, 33)
@@ -88,8 +94,26 @@ def _check_png(data: bytes, name: str) -> tuple[int, int, int, int, bool]:
                 and zlib.crc32(data[37:n - 16]) == _U32(data, n - 16)[0]):
             header = _IHDR(data, 16)
             if header[0] * header[1] <= MAX_PIXELS:
-                return (*header, False)
-    return _walk_png(data, name)
+                return header
+    return None
+
+
+def _common_png(data: bytes, channels: int, size: tuple[int, int] | None) -> np.ndarray | None:
+    """The usual dataset image in one step: a one-IDAT PNG (see `_one_idat`), 8-bit gray for
+    channels=1 or RGB for channels=3, already of `size`; the same pixels `decode` gives it, or
+    None for any other file (which then takes `decode`)."""
+    if _spng is None or not data.startswith(_PNG_MAGIC) or (header := _one_idat(data)) is None:
+        return None
+    w, h, depth, ctype = header
+    if depth != 8 or ctype != (0 if channels == 1 else 2) or (size is not None and (h, w) != tuple(size)):
+        return None
+    try:
+        arr = _spng_c.spng_decode_image_bytes(data, _SPNG_FORMATS[channels])
+    except Exception:  # noqa: BLE001 - decode() gives the authoritative error
+        return None
+    if arr.dtype != np.uint8 or arr.shape != (h, w, channels):
+        return None
+    return arr.reshape(h, w) if channels == 1 else arr
 
 
 def _walk_png(data: bytes, name: str) -> tuple[int, int, int, int, bool]:
@@ -245,11 +269,14 @@ def decode_members(items: list[tuple[str, str, bytes]], *, channels: int = 1,
     images, kept, errors = [], [], []
     for i, (name, sha256, data) in enumerate(items):
         try:
-            if not name.lower().endswith(_SUFFIXES):   # its bytes were never stored
+            lower = name.lower()
+            if not lower.endswith(_SUFFIXES):   # its bytes were never stored
                 decode(data, name)   # raises the ImageError naming the extension
             if hashlib.sha256(data).hexdigest() != sha256:   # the cache is damaged, not the image
                 raise MemberChanged(f"{shown(name)}: its bytes in the unpacked archive changed since it was unpacked")
-            images.append(decode(data, name, channels=channels, size=size, resize=resize, draft=draft))
+            arr = _common_png(data, channels, size) if lower.endswith(".png") else None
+            images.append(arr if arr is not None else
+                          decode(data, name, channels=channels, size=size, resize=resize, draft=draft))
             kept.append(i)
         except ImageError as e:
             errors.append(str(e))
