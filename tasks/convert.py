@@ -177,6 +177,8 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     """
     o = options
     names, folders = tree_index(tree, ["path"])
+    if len(names) >= POOL_MIN_IMAGES and not Root(tree.root).glob(catalog.shard_manifests(dataset)):
+        pool.warm()   # a first conversion of a large archive: the workers boot while this plans
     paths = pa.table({"path": names.column("path"), "row": pa.array(np.arange(len(names), dtype=np.int64))})
     del names
     layout = find_layout(layout_paths(paths), folders=folders, train_split=o.train_split,

@@ -99,6 +99,14 @@ def pool() -> Executor | None:
         return _pool
 
 
+def warm() -> None:
+    """Start the pool's workers now, in the background (their imports take about 0.5 s), so that
+    they boot on the other cores while the flow's process is still planning."""
+    if (ex := pool()) is not None:
+        for _ in range(workers()):
+            ex.submit(int)
+
+
 def discard(broken: Executor) -> None:
     """Forget a pool whose worker died, so the next call starts a new one."""
     global _pool
