@@ -62,3 +62,20 @@ def test_a_valid_split_named_like_the_training_one_is_caught_on_a_cached_archive
 
     with pytest.raises(OptionError, match=r"--valid-split train: mnist_tiny/train/ is the training split"):
         check_request(Request.build(source=str(TINY), root=str(fresh), valid_split="train"))
+
+
+# -- 2. a damaged cache is recomputed, also when the options are checked against it -----------
+
+@pytest.mark.parametrize("folder, step", [("archives", "download"), ("extracted", "untar")])
+def test_a_damaged_manifest_under_the_name_check_is_recomputed_not_an_error(fresh, folder, step):
+    """--classes (or a split name) is checked against the cached archive before any work; a
+    damaged manifest there used to end the run (IntegrityError) instead of being rebuilt."""
+    manifest = only(fresh, f"{folder}/*/_manifest.json")
+    original = manifest.read_text()
+    body = json.loads(original)
+    body["files"][0]["bytes"] += 1
+    manifest.write_text(json.dumps(body))
+    out = pixelsim.run(source=str(TINY), root=str(fresh), shard_size=300, classes=["3", "7"])
+    assert_figures(out.report, TINY_FIGURES)
+    assert not out.cached[step]
+    assert manifest.read_text() == original   # rebuilt, the same bytes as before the damage
