@@ -79,3 +79,79 @@ def test_a_damaged_manifest_under_the_name_check_is_recomputed_not_an_error(fres
     assert_figures(out.report, TINY_FIGURES)
     assert not out.cached[step]
     assert manifest.read_text() == original   # rebuilt, the same bytes as before the damage
+
+
+# -- 3. the Python API reads only what matches its manifest -----------------------------------
+
+def rewrite_parquet(path: Path, change) -> None:
+    """Replace a Parquet file by a valid one whose table is `change(table)`, metadata kept."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    pq.write_table(change(table).replace_schema_metadata(table.schema.metadata), path)
+
+
+def test_the_api_never_returns_altered_templates_or_predictions(fresh):
+    import numpy as np
+    import pyarrow as pa
+
+    view = pixelsim.open(str(fresh)).latest()
+    want = view.templates()
+    assert sorted(want) == ["3", "7"] and want["3"].shape == (28, 28)
+    predictions = view.predictions()
+    assert len(predictions) == 1400 and int(predictions["correct"].sum()) == 309 + 343 + 330 + 337
+
+    # a valid Parquet file with other figures in it (before: returned as the run's templates)
+    tmpl = fresh / view.folder("templates") / "templates.parquet"
+    saved = tmpl.read_bytes()
+    zeros = pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(2 * 784, np.float32)), 784)
+    rewrite_parquet(tmpl, lambda t: t.set_column(t.schema.get_field_index("template"), "template", zeros))
+    with pytest.raises(IntegrityError, match=r"templates\.parquet: does not match its manifest.*rebuilds it"):
+        pixelsim.open(str(fresh)).latest().templates()
+    tmpl.write_bytes(saved)
+    assert np.array_equal(pixelsim.open(str(fresh)).latest().templates()["7"], want["7"])
+
+    # every prediction marked correct (before: returned as they were)
+    first = sorted((fresh / view.folder("evaluation")).glob("predictions-*.parquet"))[0]
+    rewrite_parquet(first, lambda t: t.set_column(t.schema.get_field_index("correct"), "correct",
+                                                  pa.array([True] * len(t))))
+    with pytest.raises(IntegrityError, match=r"predictions-valid-00000-of-00003\.parquet: does not match its manifest"):
+        pixelsim.open(str(fresh)).latest().predictions()
+    first.unlink()
+    with pytest.raises(IntegrityError, match=r"predictions-valid-00000-of-00003\.parquet: listed in the manifest but missing"):
+        pixelsim.open(str(fresh)).latest().predictions()
+    with pytest.raises(PixelsimError, match=r"step 'model': use one of archive, tree, shards, templates, evaluation, report"):
+        view.folder("model")
+
+
+def test_the_api_refuses_a_step_folder_holding_another_runs_output(fresh):
+    """A shard folder replaced by another run's (3 channels instead of 1): load_split used to
+    return that run's images under this run's name."""
+    first = pixelsim.open(str(fresh)).latest()
+    other = pixelsim.run(source=str(TINY), root=str(fresh), shard_size=300, channels=3)
+    mine = fresh / first.folder("shards")
+    shutil.rmtree(mine)
+    shutil.copytree(fresh / other.outputs.shards.dir, mine)
+    with pytest.raises(IntegrityError, match=r"holds the output of shards/mnist_tiny/\w+, not its own"):
+        first.load_split("train")
+    images, labels, classes = pixelsim.open(str(fresh)).latest().load_split("train")
+    assert images.shape == (700, 28, 28, 3) and classes == ["3", "7"] and labels.sum() == 350
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "folder", "binary"])
+def test_a_damaged_run_record_is_one_integrity_error_naming_it(fresh, damage):
+    record = only(fresh, "runs/mnist_tiny/*.json")
+    if damage == "truncated":
+        record.write_text(record.read_text()[:40])
+    elif damage == "binary":
+        record.write_bytes(b"\xff\xfe\x00\x01")
+    else:
+        record.unlink()
+        if damage == "folder":
+            record.mkdir()
+    store = pixelsim.open(str(fresh))
+    for read in (store.latest, lambda: store.run(record.stem[:8])):
+        with pytest.raises(IntegrityError) as e:
+            read()
+        assert str(e.value).startswith(f"{record}: ")
+        assert ("the run record is missing" if damage == "missing" else "not a run record of this pixelsim") in str(e.value)
