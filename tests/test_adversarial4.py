@@ -155,3 +155,33 @@ def test_a_damaged_run_record_is_one_integrity_error_naming_it(fresh, damage):
             read()
         assert str(e.value).startswith(f"{record}: ")
         assert ("the run record is missing" if damage == "missing" else "not a run record of this pixelsim") in str(e.value)
+
+
+# -- 4. `pixelsim show` of a report folder that was never published --------------------------
+
+def test_show_of_a_report_folder_without_its_manifest_is_one_line(fresh, capsys):
+    """A report folder holding report.json but no manifest (a run killed while publishing, or
+    a copy of report.json alone), that no run of the history names: before, a TypeError."""
+    from pixelsim.flows.cli import main
+
+    folder = only(fresh, "reports/mnist_tiny/*")
+    run_id = only(fresh, "runs/mnist_tiny/*.json").stem
+    # `fresh` is a copy of the root the run wrote: its history names the report folder where it was
+    # written, and root-relative; the folder is matched to its run here too (before, only there)
+    assert main(["show", str(folder), "--root", str(fresh)]) == 0
+    out = capsys.readouterr().out
+    assert f"run {run_id}" in out and "steps (0 of 6 cached):" in out and "0.8829" in out
+    elsewhere = fresh.parent / "copy"
+    elsewhere.mkdir()
+    shutil.copy(folder / "report.json", elsewhere / "report.json")
+    (folder / "_manifest.json").unlink()
+    for target in (elsewhere, elsewhere / "report.json"):
+        assert main(["show", str(target), "--root", str(fresh)]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"pixelsim: error: {target}: a report folder without its manifest (never published, or its run "
+                       "did not finish), and no run in the history names it; `pixelsim run` with the same options "
+                       "rebuilds it\n")
+    # the run's own folder, named by the history: its figures from the history, exit 0
+    assert main(["show", str(folder), "--root", str(fresh)]) == 0
+    out = capsys.readouterr().out
+    assert "report folder" in out and "is gone; figures from the history" in out and "0.8829" in out
