@@ -13,6 +13,8 @@ VALID_NAMES = ("valid", "validation", "test", "testing")
 
 
 _DIGITS = re.compile(r"(\d+)")
+# a shard's `label_index` column is int16 (storage/shards.py): a class beyond it has no label
+MAX_CLASSES = 2**15 - 1
 
 
 def natural_key(name: str) -> tuple:
@@ -129,6 +131,9 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
             raise LayoutError(f"--classes {','.join(unknown)}: no such class folder in {join(base, train)}/ "
                               f"(found {', '.join(train_classes)})")
         train_classes = sorted(classes, key=natural_key)
+    if len(train_classes) > MAX_CLASSES:
+        raise LayoutError(f"{join(base, train)}/ holds {len(train_classes):,} class folders with images, over the "
+                          f"{MAX_CLASSES:,} a shard can label: pick some with --classes")
     if len(train_classes) < 2:
         raise LayoutError(f"{join(base, train)}/ needs at least two class folders with images, found {train_classes}")
     valid_classes = [c for c in _class_folders(dirs, join(base, valid)) if images(valid, c)]

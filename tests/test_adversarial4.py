@@ -185,3 +185,36 @@ def test_show_of_a_report_folder_without_its_manifest_is_one_line(fresh, capsys)
     assert main(["show", str(folder), "--root", str(fresh)]) == 0
     out = capsys.readouterr().out
     assert "report folder" in out and "is gone; figures from the history" in out and "0.8829" in out
+
+
+# -- 5. more classes than a shard can label ----------------------------------------------------
+
+def tiny_png(value: int = 7, size: tuple[int, int] = (4, 4)) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full(size, value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_more_classes_than_a_shard_can_label_is_one_line_before_any_decoding(tmp_path):
+    """label_index is int16: 32,768 classes used to decode every image, then fail in pyarrow
+    (ArrowInvalid: Integer value 32768 not in range), a traceback after minutes of work."""
+    import io
+    import tarfile
+
+    png = tiny_png()
+    archive = tmp_path / "many.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name in [f"many/train/c{i}/a.png" for i in range(2**15)] + ["many/valid/c0/a.png", "many/valid/c1/a.png"]:
+            info = tarfile.TarInfo(name)
+            info.size = len(png)
+            tf.addfile(info, io.BytesIO(png))
+    with pytest.raises(LayoutError) as e:
+        pixelsim.run(source=str(archive), root=str(tmp_path / "root"))
+    assert str(e.value) == ("many/train/ holds 32,768 class folders with images, over the 32,767 a shard can label: "
+                            "pick some with --classes")
+    assert not list((tmp_path / "root").glob("shards/*/*/*.parquet"))
