@@ -218,3 +218,29 @@ def test_more_classes_than_a_shard_can_label_is_one_line_before_any_decoding(tmp
     assert str(e.value) == ("many/train/ holds 32,768 class folders with images, over the 32,767 a shard can label: "
                             "pick some with --classes")
     assert not list((tmp_path / "root").glob("shards/*/*/*.parquet"))
+
+
+# -- 6. a dead run's lock that records this very process's pid ------------------------------
+
+def test_a_lock_left_by_an_earlier_process_with_this_pid_is_broken_at_once(tmp_path):
+    """A container restarted runs pixelsim under the same pid (often 1) and hostname: a lock the
+    killed run left records our own pid, and was held (pid == ours is never "dead") until its
+    heartbeat went stale, two minutes later, though its identity says it is another process."""
+    import os
+    import time
+
+    from pixelsim.storage.locks import HOST, ExpiringLockManager, identity
+
+    m = ExpiringLockManager(tmp_path)
+    mine = identity(os.getpid())
+    assert mine is not None
+    lock = {"holder": "killed-run", "expiration": time.time() + 3600, "host": HOST, "pid": os.getpid()}
+    (tmp_path / "k.lock").write_text(json.dumps({**lock, "identity": mine.rsplit(":", 1)[0] + ":1"}))
+    started = time.monotonic()
+    assert m.acquire_lock("k", "me", acquire_timeout=5)
+    assert time.monotonic() - started < 1
+    assert json.loads((tmp_path / "k.lock").read_text())["holder"] == "me"
+    m.release_lock("k", "me")
+    # a lock of another holder in this very process (another thread's step) still holds
+    (tmp_path / "k.lock").write_text(json.dumps({**lock, "identity": mine}))
+    assert m.is_locked("k") and not m.acquire_lock("k", "me", acquire_timeout=0.3)
