@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pixelsim.storage import catalog
-from pixelsim.storage.artifacts import TEMPLATES, read_templates
-from pixelsim.storage.errors import PixelsimError
+from pixelsim.storage.artifacts import TEMPLATES, parse_templates
+from pixelsim.storage.errors import IntegrityError, PixelsimError
 from pixelsim.storage.history import as_rows, read_history, read_run_record
-from pixelsim.storage.root import Root
+from pixelsim.storage.root import Root, sha256_bytes
 from pixelsim.storage.shards import iter_arrays
 from pixelsim.tasks.contracts import Report, Request, default_root
 
@@ -101,10 +101,40 @@ class RunView:
 
     def folder(self, step: str) -> str:
         """The output folder of `step` (archive, tree, shards, templates, evaluation, report), root-relative."""
-        return self.record["outputs"][step]
+        outputs = self.record["outputs"]
+        if step not in outputs:
+            raise PixelsimError(f"step {step!r}: use one of {', '.join(outputs)}")
+        return outputs[step]
 
     def _manifest(self, step: str) -> dict:
-        return self.root.manifest(self.folder(step))
+        """The step folder's manifest, sealed and naming this folder as its own (not another output's copy)."""
+        folder = self.folder(step)
+        manifest = self.root.manifest(folder)
+        record = manifest.get("record")
+        if not isinstance(record, dict) or record.get("dir") != folder:
+            raise IntegrityError(f"{self.root.uri(folder)}: holds the output of "
+                                 f"{record.get('dir') if isinstance(record, dict) else None}, not its own")
+        return manifest
+
+    def _verified(self, step: str, name: str, manifest: dict | None = None) -> bytes:
+        """The bytes of file `name` of the step's folder, once they match its manifest: a damaged
+        file is an IntegrityError naming it, never data."""
+        manifest = manifest or self._manifest(step)
+        rel = posixpath.join(self.folder(step), name)
+        entry = next((f for f in manifest["files"] if f["name"] == name), None)
+        if entry is None:
+            raise IntegrityError(f"{self.root.uri(rel)}: not listed in its folder's manifest")
+        try:
+            data = self.root.read_bytes(rel)
+        except FileNotFoundError:
+            raise IntegrityError(f"{self.root.uri(rel)}: listed in the manifest but missing; "
+                                 "pixelsim run with the same options rebuilds it") from None
+        except (IsADirectoryError, NotADirectoryError):
+            raise IntegrityError(f"{self.root.uri(rel)}: not a file; pixelsim run with the same options rebuilds it") from None
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+            raise IntegrityError(f"{self.root.uri(rel)}: does not match its manifest (altered or truncated); "
+                                 "pixelsim run with the same options rebuilds it")
+        return data
 
     @cached_property
     def report(self) -> dict:
@@ -113,7 +143,7 @@ class RunView:
 
     def templates(self) -> dict[str, np.ndarray]:
         """Class name -> template, float32 in [0, 1], shaped like one image."""
-        classes, means, shape = read_templates(self.root, posixpath.join(self.folder("templates"), TEMPLATES))
+        classes, means, shape = parse_templates(self._verified("templates", TEMPLATES))
         return {c: np.asarray(m, np.float32).reshape(shape) for c, m in zip(classes, means)}
 
     def predictions(self) -> pd.DataFrame:
@@ -121,12 +151,9 @@ class RunView:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        folder = self.folder("evaluation")
-        files = sorted(f["name"] for f in self._manifest("evaluation")["files"] if f["name"].startswith("predictions-"))
-        tables = []
-        for name in files:
-            with self.root.open(posixpath.join(folder, name)) as f:
-                tables.append(pq.ParquetFile(f).read())
+        manifest = self._manifest("evaluation")
+        files = sorted(f["name"] for f in manifest["files"] if f["name"].startswith("predictions-"))
+        tables = [pq.ParquetFile(pa.BufferReader(self._verified("evaluation", name, manifest))).read() for name in files]
         return pa.concat_tables(tables).to_pandas()
 
     def load_split(self, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -8,7 +8,7 @@ import os
 import posixpath
 
 from pixelsim.flows.datasets import DATASETS
-from pixelsim.storage.errors import LayoutError, OptionError
+from pixelsim.storage.errors import IntegrityError, LayoutError, OptionError
 from pixelsim.storage.root import MANIFEST, Root
 from pixelsim.tasks.contracts import Request
 
@@ -75,8 +75,8 @@ def check_names(request: Request) -> None:
         root = Root(request.root)
         sha = root.manifest(rel)["record"]["sha256"]
         folders = root.manifest(tree_dir(sha))["dirs"]
-    except (OSError, ValueError, LookupError, TypeError):
-        return   # not unpacked yet, or unreadable: the steps find out and say so
+    except (OSError, ValueError, LookupError, TypeError, IntegrityError):
+        return   # not unpacked yet, unreadable or damaged: the steps rebuild it, or find out and say so
     try:
         check(folders, train_split=o.train_split, valid_split=o.valid_split,
               classes=list(o.classes) if o.classes else None)

@@ -71,7 +71,14 @@ def find_run(root_url: str, run: str | None) -> dict:
             raise PixelsimError(f"{run}: not a report folder (no report.json there)")
         report = _load_report(folder)
         uri = Root(folder).uri("")
-        same = [r for r in runs if r["report_dir"].rstrip("/") in (uri, folder.rstrip("/"))]
+        here = {uri.rstrip("/"), folder.rstrip("/")}
+        # the history keeps report folders root-relative (older rows: as the run wrote them)
+        same = [r for r in runs if r["report_dir"].rstrip("/") in here
+                or root.uri(r.get("report_rel") or r["report_dir"]).rstrip("/") in here]
+        if report is None and not same:
+            raise PixelsimError(f"{run}: a report folder without its manifest (never published, or its run did not "
+                                "finish), and no run in the history names it; `pixelsim run` with the same options "
+                                "rebuilds it")
         return {"run": same[-1] if same else None, "report": report, "report_dir": uri}
     if not runs:
         raise PixelsimError(f"no runs recorded under {root.uri(HISTORY)}: run `pixelsim run` first, "

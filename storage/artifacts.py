@@ -51,8 +51,12 @@ def write_templates(staging: Staging, classes: list[str], counts: list[int], mea
 
 
 def read_templates(root: Root, rel: str) -> tuple[list[str], np.ndarray, tuple[int, ...]]:
-    with root.open(rel) as f:
-        table = pq.read_table(f)
+    return parse_templates(root.read_bytes(rel))
+
+
+def parse_templates(data: bytes) -> tuple[list[str], np.ndarray, tuple[int, ...]]:
+    """(classes, means, shape) from the bytes of a templates.parquet."""
+    table = pq.ParquetFile(pa.BufferReader(data)).read()
     shape = tuple(json.loads(table.schema.metadata[b"pixelsim"])["shape"])
     col = table.column("template").combine_chunks()
     means = col.values.to_numpy().reshape(len(table), -1)

@@ -84,7 +84,13 @@ def read_run_record(root: Root, dataset: str, run_id: str) -> dict:
     """The run's record, sealed like a manifest: a changed byte, a foreign or older file is an
     IntegrityError, which callers treat like a missing record."""
     rel = catalog.run_record(dataset, run_id)
-    body = root.read_json(rel)
+    try:
+        body = root.read_json(rel)
+    except FileNotFoundError:
+        raise IntegrityError(f"{root.uri(rel)}: the run record is missing (its history row is there)") from None
+    except (OSError, ValueError) as e:   # a folder in its place, cut short, not JSON, not UTF-8
+        raise IntegrityError(f"{root.uri(rel)}: not a run record of this pixelsim (unreadable: "
+                             f"{e.strerror if isinstance(e, OSError) else e})") from None
     if not seal_ok(body) or any(not isinstance(body.get(k, {}), dict) for k in ("source", "request", "options", "outputs")):
         raise IntegrityError(f"{root.uri(rel)}: not a run record of this pixelsim (altered, foreign, or written by an "
                              "older version)")

@@ -13,6 +13,8 @@ VALID_NAMES = ("valid", "validation", "test", "testing")
 
 
 _DIGITS = re.compile(r"(\d+)")
+# a shard's `label_index` column is int16 (storage/shards.py): a class beyond it has no label
+MAX_CLASSES = 2**15 - 1
 
 
 def natural_key(name: str) -> tuple:
@@ -68,6 +70,11 @@ def _index(paths: list[str], folders: list[str]) -> tuple[dict[str, set[str]], d
     return dirs, files, under
 
 
+def _same_split(name: str, where: str) -> str:
+    return (f"--valid-split {name}: {where}/ is the training split; evaluating on the images the templates "
+            "are made of would overstate the accuracy: name another folder")
+
+
 def _class_folders(dirs: dict[str, set[str]], split: str) -> list[str]:
     return sorted(dirs.get(split, ()), key=natural_key)
 
@@ -89,9 +96,11 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
     join = lambda *p: posixpath.join(*[x for x in p if x])  # noqa: E731
     train = next(n for n in train_names if n in dirs[base])
     notes: list[str] = []
+    if valid_split == train:
+        raise LayoutError(_same_split(valid_split, join(base, train)))
     valid = None
     for name in (valid_split,) if valid_split else VALID_NAMES:
-        if name not in dirs[base]:
+        if name not in dirs[base] or name == train:   # never evaluate on the images the templates are made of
             continue
         found = _class_folders(dirs, join(base, name))
         if found and any(under[join(base, name, c)] for c in found):
@@ -122,6 +131,9 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
             raise LayoutError(f"--classes {','.join(unknown)}: no such class folder in {join(base, train)}/ "
                               f"(found {', '.join(train_classes)})")
         train_classes = sorted(classes, key=natural_key)
+    if len(train_classes) > MAX_CLASSES:
+        raise LayoutError(f"{join(base, train)}/ holds {len(train_classes):,} class folders with images, over the "
+                          f"{MAX_CLASSES:,} a shard can label: pick some with --classes")
     if len(train_classes) < 2:
         raise LayoutError(f"{join(base, train)}/ needs at least two class folders with images, found {train_classes}")
     valid_classes = [c for c in _class_folders(dirs, join(base, valid)) if images(valid, c)]
@@ -260,6 +272,8 @@ def check_names(folders: list[str], *, train_split: str | None = None, valid_spl
     if valid_split and valid_split not in dirs[base]:
         raise unknown("--valid-split", valid_split, base, dirs[base])
     train = next(n for n in train_names if n in dirs[base])
+    if valid_split == train:
+        raise LayoutError(_same_split(valid_split, join(base, train)))
     found = set(dirs.get(join(base, train), ()))
     for c in classes or ():
         if c not in found:

@@ -92,6 +92,13 @@ def alive(pid: int, ident: str | None = None) -> bool:
     return True
 
 
+def _earlier_self(ident: str | None) -> bool:
+    """Whether a lock recording this process's pid was written by an earlier process given the same
+    pid (a container restarted: its run is pid 1 again, on the same hostname), not by this one."""
+    now = identity(os.getpid())
+    return ident is not None and now is not None and ident != now
+
+
 def _expired(expiration: object) -> bool:
     if isinstance(expiration, (int, float)):
         return time.time() > expiration
@@ -141,7 +148,8 @@ class ExpiringLockManager:
             return False
         pid = info.get("pid")
         ident = info.get("identity") if isinstance(info.get("identity"), str) else None
-        dead = info.get("host") == HOST and isinstance(pid, int) and pid != os.getpid() and not alive(pid, ident)
+        dead = info.get("host") == HOST and isinstance(pid, int) and (
+            not alive(pid, ident) if pid != os.getpid() else _earlier_self(ident))
         if dead or _expired(info.get("expiration")) or self._stale(key):
             self._path(key).unlink(missing_ok=True)
             return False

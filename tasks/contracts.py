@@ -77,6 +77,9 @@ class Options:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value.strip() or "/" in value):
                 raise OptionError(f"--{name.replace('_', '-')} {value!r}: expected a folder name")
+        if self.train_split is not None and self.train_split == self.valid_split:
+            raise OptionError(f"--valid-split {self.valid_split}: the same folder as --train-split; evaluating on the "
+                              "images the templates are made of would overstate the accuracy")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able, in field order (for cache keys, run records and history rows)."""
