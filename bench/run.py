@@ -596,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
         name, src, dst = a.worker
         out = WORKERS[name](json.loads(Path(src).read_text()) if src != "-" else {})
         Path(dst).write_text(json.dumps({**out, "peak_rss_mb": peak_rss_mb()} if isinstance(out, dict) else out))
+        from pixelsim.flows.cli import exit_now
+        exit_now(0)   # as the pixelsim program ends: no native thread-pool teardown, whose rare abort failed a worker
         return 0
     t0, out, data = time.perf_counter(), a.out.resolve(), a.data.resolve()
     tmp, logs = out / "tmp", out / "logs"
