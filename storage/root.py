@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -107,9 +108,19 @@ class Root:
     # -- files -----------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
         if self.local:  # the hot path of convert: fsspec costs more than the decode here
-            with open(self.path(rel), "rb") as f:
+            with open(self.regular(rel), "rb") as f:
                 return f.read()
         return self.fs.cat_file(self.path(rel))
+
+    def regular(self, rel: str) -> str:
+        """The local path of `rel`, unless it is a FIFO, a device or a socket (or a link to one):
+        reading those would block for ever or never end, so in a root they are damage, rebuilt
+        like any other. A folder is left to the open that follows (IsADirectoryError)."""
+        full = self.path(rel)
+        mode = os.stat(full).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise IntegrityError(f"{self.uri(rel)}: not a regular file (a FIFO, device or socket in its place)")
+        return full
 
     def read_ranges(self, rel: str, ranges: list[tuple[int, int]], *, gap: int = 1 << 16,
                     block: int = 1 << 24) -> list[bytes]:
@@ -131,7 +142,7 @@ class Root:
         out: list[bytes] = [b""] * len(ranges)
         full = self.path(rel)
         if self.local:
-            with open(full, "rb", buffering=0) as f:
+            with open(self.regular(rel), "rb", buffering=0) as f:
                 datas = [os.pread(f.fileno(), end - start, start) for start, end, _ in spans]
         else:
             datas = self.fs.cat_ranges([full] * len(spans), [s for s, _, _ in spans], [e for _, e, _ in spans])
@@ -147,6 +158,8 @@ class Root:
         return json.loads(self.read_bytes(rel))
 
     def open(self, rel: str, mode: str = "rb") -> BinaryIO:
+        if self.local and "r" in mode:
+            self.regular(rel)
         return self.fs.open(self.path(rel), mode)
 
     def sha256(self, rel: str) -> tuple[str, int]:
@@ -171,7 +184,7 @@ class Root:
     def local_file(self, rel: str) -> Iterator[str]:
         """A local path to read `rel` from: itself when local, a temporary copy otherwise."""
         if self.local:
-            yield self.path(rel)
+            yield self.regular(rel)
             return
         with tempfile.TemporaryDirectory(prefix="pixelsim-") as tmp:
             dest = os.path.join(tmp, posixpath.basename(rel))
@@ -275,10 +288,11 @@ class Root:
             if self.local:
                 os.makedirs(os.path.dirname(full), exist_ok=True)
                 with writing(full):
+                    source = self.regular(src)
                     try:
-                        os.link(self.path(src), tmp)
+                        os.link(source, tmp)
                     except OSError:   # another file system, or one without hard links
-                        shutil.copyfile(self.path(src), tmp)
+                        shutil.copyfile(source, tmp)
                 clear_folder(full)
                 os.replace(tmp, full)
             else:
@@ -309,7 +323,7 @@ class Root:
         try:
             if self.read_json(name) == body:
                 return digest
-        except (FileNotFoundError, ValueError, IsADirectoryError, NotADirectoryError):
+        except (FileNotFoundError, ValueError, IsADirectoryError, NotADirectoryError, IntegrityError):
             pass
         publishing(rel)
         self.write_bytes_atomic(name, json.dumps(body, indent=1).encode())

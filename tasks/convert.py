@@ -318,7 +318,7 @@ def copy_earlier(r: Root, job: ShardJob) -> Part | None:
     try:
         r.link(source.file, staged)
         found = r.sha256(staged)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):   # gone, or turned into a folder
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, IntegrityError):   # gone, or damaged
         found = None
     if found != (source.sha256, source.bytes):
         with contextlib.suppress(OSError):

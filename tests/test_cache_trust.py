@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -154,3 +158,28 @@ def test_a_shard_size_that_makes_hundreds_of_tasks_is_warned_about(tmp_path, cap
         rep = pixelsim.run(source=str(TINY), root=str(tmp_path / "root"), shard_size=5).report
     assert_figures(rep, TINY_FIGURES)
     assert "280 shards of at most 5 images: each is a task of its own" in caplog.text
+
+
+def test_a_fifo_or_a_link_to_an_endless_device_in_the_root_is_rebuilt_without_hanging(tmp_path):
+    """A FIFO would block a reader for ever and /dev/zero never ends: both are damage, rebuilt."""
+    root = tmp_path / "root"
+    first = pixelsim.run(source=str(TINY), root=str(root), shard_size=300)
+    os.symlink("/dev/zero", _replace(only(root, "extracted/*/members.bin")))
+    os.symlink("/dev/zero", _replace(only(root, "shards/mnist_tiny/*/train-00001-of-00003.parquet")))
+    os.mkfifo(_replace(only(root, "templates/mnist_tiny/*/templates.parquet")))
+    os.mkfifo(_replace(only(root, "evaluations/mnist_tiny/*/_manifest.json")))
+    script = ("import json, pixelsim\n"
+              f"r = pixelsim.run(source={str(TINY)!r}, root={str(root)!r}, shard_size=300)\n"
+              "print(json.dumps([r.report['metrics'], r.cached]))\n")
+    memory = 4 << 30   # reading /dev/zero whole would pass this long before the timeout
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (memory, memory)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics, cached = json.loads(done.stdout.splitlines()[-1])
+    assert metrics == first.report["metrics"]
+    assert not any(cached[step] for step in ("untar", "convert", "templates", "evaluate"))
+
+
+def _replace(path: Path) -> Path:
+    path.unlink()
+    return path
