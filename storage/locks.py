@@ -11,7 +11,8 @@ restart, or a long uptime) does not keep a dead run's lock for an hour.
 
 A holder on another host (another container or machine on the same volume) cannot be asked
 whether it lives: every holder touches its lock files every HEARTBEAT_S, and a lock untouched
-for STALE_S is a dead holder's, broken by the next who wants it.
+for STALE_S (by its mtime, or as watched on the waiter's own clock when clocks disagree) is a
+dead holder's, broken by the next who wants it.
 
 A file that cannot be parsed (written by hand, or in place by another tool) counts as held
 while it is fresh, and is broken once it has been left that way for EMPTY_STALE_S.
@@ -118,6 +119,7 @@ class ExpiringLockManager:
         self.dir = Path(lock_files_directory)
         self.hold_timeout = hold_timeout
         self.repair = repair
+        self._seen: dict[str, tuple[tuple[int, int, int], float]] = {}   # key: (file signature, first seen)
 
     def _path(self, key: str) -> Path:
         return self.dir / f"{key}.lock"
@@ -152,15 +154,29 @@ class ExpiringLockManager:
             not alive(pid, ident) if pid != os.getpid() else _earlier_self(ident))
         if dead or _expired(info.get("expiration")) or self._stale(key):
             self._path(key).unlink(missing_ok=True)
+            self._seen.pop(key, None)
             return False
         return True
 
     def _stale(self, key: str) -> bool:
-        """Untouched for STALE_S: its holder, wherever it runs, stopped its heartbeat."""
+        """Untouched for STALE_S: its holder, wherever it runs, stopped its heartbeat.
+
+        Judged by the file's age, and also by watching it: a lock whose file has not changed for
+        STALE_S of this process's own clock is stale, so a holder whose clock runs ahead (another
+        host, or an mtime set in the future) cannot make a dead lock look fresh until its expiry."""
         try:
-            return time.time() - self._path(key).stat().st_mtime > STALE_S
+            st = self._path(key).stat()
         except FileNotFoundError:
+            self._seen.pop(key, None)
             return False
+        if time.time() - st.st_mtime > STALE_S:
+            return True
+        signature, now = (st.st_ino, st.st_mtime_ns, st.st_size), time.monotonic()
+        seen = self._seen.get(key)
+        if seen is None or seen[0] != signature:
+            self._seen[key] = (signature, now)
+            return False
+        return now - seen[1] > STALE_S
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         info = self._info(key)

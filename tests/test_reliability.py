@@ -540,6 +540,31 @@ def test_a_lock_from_another_host_holds_while_its_heartbeat_runs_and_is_broken_o
     assert not path.exists()
 
 
+def test_a_dead_lock_stamped_in_the_future_is_broken_once_it_stays_untouched(tmp_path, monkeypatch):
+    """A holder whose clock ran a day ahead (another host) left its lock: the file's age says
+    nothing, so a waiter watches it on its own clock and breaks it after STALE_S unchanged."""
+    from pixelsim.storage import locks
+
+    monkeypatch.setattr(locks, "STALE_S", 0.5)
+    m = locks.ExpiringLockManager(tmp_path)
+    path = tmp_path / "k.lock"
+    path.write_text(json.dumps({"holder": "x", "expiration": time.time() + 86400 + 3600, "host": "containerA",
+                                "pid": 1}))
+    ahead = time.time() + 86400
+    os.utime(path, (ahead, ahead))
+    assert m.is_locked("k")                                   # just seen: held
+    started = time.monotonic()
+    assert m.acquire_lock("k", "me", acquire_timeout=5) and m.is_lock_holder("k", "me")
+    assert 0.4 < time.monotonic() - started < 3
+    m.release_lock("k", "me")
+    # a holder whose heartbeat still touches the file keeps it, however far ahead its clock
+    path.write_text(json.dumps({"holder": "x", "expiration": ahead, "host": "containerA", "pid": 1}))
+    for beat in range(8):
+        os.utime(path, (ahead + 100 + beat, ahead + 100 + beat))
+        assert m.is_locked("k")
+        time.sleep(0.2)
+
+
 def test_a_lock_file_caught_mid_write_counts_as_held(tmp_path):
     """Prefect creates a lock file empty, then writes it: a concurrent run reading it in between
     must wait, not crash (seen as 'EOF while parsing' failures of simultaneous runs)."""
