@@ -66,10 +66,11 @@ def template_images(tmpl: Templates, per_row: int = 10) -> list[str]:
     if len(tmpl.classes) > MAX_PICTURES:
         out += [f"The first {MAX_PICTURES} of {len(tmpl.classes)} classes; every template is a PNG in "
                 f"{place(tmpl.uri())}.", ""]
+    pictures = catalog.template_images(tmpl.classes)
     for i in range(0, len(classes), per_row):
         cells = []
-        for c in classes[i:i + per_row]:
-            png = root.read_bytes(posixpath.join(tmpl.dir, catalog.template_image(c)))
+        for c, picture in zip(classes[i:i + per_row], pictures[i:i + per_row]):
+            png = root.read_bytes(posixpath.join(tmpl.dir, picture))
             if len(png) > MAX_INLINE:
                 return []
             name = html.escape(c, quote=True)

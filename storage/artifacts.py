@@ -45,9 +45,9 @@ def write_templates(staging: Staging, classes: list[str], counts: list[int], mea
     }).replace_schema_metadata({b"pixelsim": json.dumps({"shape": list(shape)}).encode()})
     pq.write_table(table, staging.file(TEMPLATES), compression="zstd")
     staging.add(TEMPLATES)
-    for i, name in enumerate(classes):
+    for i, picture in enumerate(catalog.template_images(classes)):
         pixels = np.rint(flat[i].reshape(shape) * 255).clip(0, 255).astype(np.uint8)
-        staging.write_bytes(catalog.template_image(name), encode_png(pixels))
+        staging.write_bytes(picture, encode_png(pixels))
 
 
 def read_templates(root: Root, rel: str) -> tuple[list[str], np.ndarray, tuple[int, ...]]:

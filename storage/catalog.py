@@ -7,7 +7,7 @@ manifest verifies is the cached result. Outputs that analysts glob are scoped by
     archives/<key>/<name>                          download (key: source, fingerprint, pins)
     extracted/<key>/members.bin, members.parquet   untar (key: the archive's sha256, caps)
     shards/<dataset>/<key>/<split>-NNNNN-of-NNNNN.parquet, _plan/members.parquet
-    templates/<dataset>/<key>/templates.parquet, <class>.png (see template_image)
+    templates/<dataset>/<key>/templates.parquet, <class>.png (see template_images)
     evaluations/<dataset>/<key>/predictions-*.parquet, _metrics.json
     reports/<dataset>/<key>/report.json, report.md, report.html, confusion-<metric>.csv
     runs/<dataset>/<run id>.json                   what one run used and produced
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import posixpath
 import re
+import unicodedata
+from collections import Counter
 from typing import Any
 
 from pixelsim.storage.root import MANIFEST, digest_json
@@ -59,12 +61,18 @@ def templates_dir(dataset: str, key: str) -> str:
 TEMPLATE_NAME_BYTES = 200   # a file name is at most 255 bytes on most file systems; a class folder's name inside an archive is not
 
 
-def template_image(cls: str) -> str:
-    """The file name of a class's template picture: `<class>.png`, unless the class name is too
-    long for a file name or holds control characters; then `class-<sha256 of the name>.png`."""
-    if cls.isprintable() and len(cls.encode("utf-8", "surrogateescape")) <= TEMPLATE_NAME_BYTES:
-        return f"{cls}.png"
-    return f"class-{digest_json(cls)[:32]}.png"
+def template_images(classes: list[str]) -> list[str]:
+    """The file name of each class's template picture: `<class>.png`, unless the name is too long
+    for a file name, holds control characters, starts like a digest name (`class-`), or is the
+    same as another class's name on a file system that ignores case or Unicode normalization
+    (`A` and `a`, NFC and NFD: macOS, Windows); then `class-<sha256 of the name>.png`."""
+    def folded(cls: str) -> str:
+        return unicodedata.normalize("NFC", cls).casefold()
+
+    shared = Counter(folded(c) for c in classes)
+    return [f"{cls}.png" if cls.isprintable() and len(cls.encode("utf-8", "surrogateescape")) <= TEMPLATE_NAME_BYTES
+            and shared[folded(cls)] == 1 and not folded(cls).startswith("class-")
+            else f"class-{digest_json(cls)[:32]}.png" for cls in classes]
 
 
 def evaluation_dir(dataset: str, key: str) -> str:

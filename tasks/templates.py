@@ -18,7 +18,7 @@ from pixelsim.tasks.contracts import ShardSet, Templates
 if TYPE_CHECKING:  # torch is imported where it is used: 2 s that a fully cached run never pays
     import torch
 
-VERSION = "4"   # 4: a class whose name cannot be a file name gets a template picture all the same
+VERSION = "5"   # 5: pictures of classes whose names differ only in case or Unicode form are not one file; 4: a class whose name cannot be a file name gets a picture
 # Bytes of one float temporary on the CPU: a block of rows this size stays in cache while
 # it is converted, subtracted and reduced (measured ~4x faster than whole shards at 28x28).
 BLOCK_BYTES = 4 << 20
@@ -93,7 +93,7 @@ def class_means(batches: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int
 
 
 def compute_templates(shards: ShardSet, device: str = "cpu", refresh: bool = False) -> Outcome[Templates]:
-    """Write templates/<dataset>/<key>/templates.parquet and a picture per class (catalog.template_image)."""
+    """Write templates/<dataset>/<key>/templates.parquet and a picture per class (catalog.template_images)."""
     r = Root(shards.root)
     rel = catalog.templates_dir(shards.dataset, catalog.step_key("templates", VERSION, shards.digest))
 

@@ -513,5 +513,32 @@ def test_a_class_name_too_long_for_a_file_name_still_gets_its_template(tmp_path)
     assert (got[long], got["7"], result.report["metrics"]["l1"]["balanced"]) == (
         TINY_FIGURES["l1"]["3"], TINY_FIGURES["l1"]["7"], TINY_FIGURES["l1"]["balanced"])
     folder = Path(result.outputs.templates.uri())
-    assert catalog.template_image(long).startswith("class-") and (folder / catalog.template_image(long)).is_file()
-    assert (folder / "7.png").is_file() and catalog.template_image("3\nx") != "3\nx.png"
+    pictures = catalog.template_images(["7", long])
+    assert pictures[1].startswith("class-") and (folder / pictures[1]).is_file()
+    assert (folder / "7.png").is_file() and catalog.template_images(["3\nx"]) != ["3\nx.png"]
+
+
+def test_classes_that_differ_only_in_case_or_unicode_form_get_pictures_of_their_own(tmp_path):
+    """On macOS and Windows `A.png` and `a.png` (or an NFC and an NFD `é`) are one file: such
+    classes get digest names, so no template picture overwrites another's."""
+    import unicodedata
+
+    import pixelsim
+    from pixelsim.storage import catalog
+    archive = tmp_path / "cased.tgz"
+    with tarfile.open(TINY) as src, tarfile.open(archive, "w:gz", format=tarfile.PAX_FORMAT) as out:
+        for m in src.getmembers():
+            if m.isfile() and m.name.endswith(".png"):
+                data = src.extractfile(m).read()
+                m.name = m.name.replace("/3/", "/a/").replace("/7/", "/A/")
+                out.addfile(m, io.BytesIO(data))
+    result = pixelsim.run(source=str(archive), root=str(tmp_path / "root"))
+    assert result.report["classes"] == ["A", "a"]
+    folder = Path(result.outputs.templates.uri())
+    pictures = catalog.template_images(["A", "a"])
+    assert all(p.startswith("class-") for p in pictures) and len({p.casefold() for p in pictures}) == 2
+    assert (folder / pictures[0]).read_bytes() != (folder / pictures[1]).read_bytes()
+    nfc, nfd = unicodedata.normalize("NFC", "é"), unicodedata.normalize("NFD", "é")
+    names = catalog.template_images(["7", nfc, nfd, "class-x", "CLASS-Y", "b", "B2"])
+    assert names[0] == "7.png" and names[5:] == ["b.png", "B2.png"]
+    assert len({unicodedata.normalize("NFC", n).casefold() for n in names}) == len(names)
