@@ -8,18 +8,22 @@ published with one rename so nobody ever sees half an extraction.
 from __future__ import annotations
 
 import bz2
+import contextlib
 import errno
+import functools
 import gzip
 import hashlib
 import lzma
 import os
 import posixpath
+import queue
 import re
 import secrets
 import shutil
 import stat
 import struct
 import tarfile
+import threading
 import zipfile
 import zlib
 from array import array
@@ -37,6 +41,7 @@ _CHUNK = 1 << 20
 # Decompressed bytes tolerated beyond member data (headers, padding, read-ahead), so a
 # bomb hidden in a pax header, a skipped member or trailing padding cannot run away.
 _SLACK = 1 << 20
+_SINK_DEPTH = 8   # blocks (about _CHUNK each) or index tables waiting for the writer thread
 _PER_MEMBER_SLACK = 4096
 # Extended headers (pax records, long names) a member may bring on top of that: macOS tar
 # stores extended attributes as a few KB of pax records per file. Beyond it, they count as
@@ -170,29 +175,36 @@ _USTAR = np.frombuffer(b"ustar\0", np.uint8)
 
 def _unsigned_sums(a: np.ndarray) -> np.ndarray:
     """Each 512-byte row's tar checksum: its bytes summed, the checksum field counted as spaces."""
-    return a.sum(1, dtype=np.int64) - a[:, 148:156].sum(1, dtype=np.int64) + 256
+    return a.sum(1, dtype=np.uint32).astype(np.int64) - a[:, 148:156].sum(1, dtype=np.int64) + 256   # uint32: 2x int64's speed
 
 
 def _octal_digits(field: np.ndarray) -> np.ndarray:
     return ((field >= 0x30) & (field <= 0x37)).all(1)
 
 
-def _plain_sizes(buf: bytes, pos: int) -> list[int]:
-    """For each whole block from buf[pos]: the member size if it is a plain header, else -1.
-
-    Plain: a regular file (type "0"), checksum written as "%06o\\0 " and right (unsigned),
-    size as 11 octal digits and a NUL, no ustar name prefix: what tarfile, GNU tar and
-    libarchive write for a short name. Every other block is left to `_Source.next`.
-    """
+def _size_fields(buf: bytes, pos: int) -> list[int]:
+    """For each whole block from buf[pos], read as a regular file's header: its size (11 octal
+    digits and a NUL), else -1. Only a block that `_plain_count` then accepts is a header."""
     n = (len(buf) - pos) >> 9
     a = np.frombuffer(buf, np.uint8, n << 9, pos).reshape(n, _BLOCK)
-    total = _unsigned_sums(a)
-    chk, size = a[:, 148:154], a[:, 124:135]
-    ok = ((a[:, 156] == 0x30) & _octal_digits(chk) & (a[:, 154] == 0) & (a[:, 155] == 0x20)
-          & _octal_digits(size) & (a[:, 135] == 0)
-          & ((a[:, 345] == 0) | ~(a[:, 257:263] == _USTAR).all(1)))
-    ok &= (chk.astype(np.int64) - 0x30) @ _OCTAL[5:] == total
+    size = a[:, 124:135]
+    ok = (a[:, 156] == 0x30) & _octal_digits(size) & (a[:, 135] == 0)
     return np.where(ok, (size.astype(np.int64) - 0x30) @ _OCTAL, -1).tolist()
+
+
+def _plain_count(buf: bytes, heads: list[int]) -> int:
+    """How many of these headers, from the first, are plain: checksum written as "%06o\\0 " and
+    right (unsigned), no ustar name prefix: what tarfile, GNU tar and libarchive write for a
+    regular file with a short name. Only those blocks are summed, never the members' data."""
+    off = heads[0] % _BLOCK   # every header is a whole number of blocks after the first
+    blocks = np.frombuffer(buf, np.uint8, (len(buf) - off) // _BLOCK * _BLOCK, off).reshape(-1, _BLOCK)
+    rows = blocks[(np.asarray(heads, np.int64) - off) // _BLOCK]
+    chk = rows[:, 148:154]
+    ok = (_octal_digits(chk) & (rows[:, 154] == 0) & (rows[:, 155] == 0x20)
+          & ((rows[:, 345] == 0) | ~(rows[:, 257:263] == _USTAR).all(1)))
+    ok &= (chk.astype(np.int64) - 0x30) @ _OCTAL[5:] == _unsigned_sums(rows)
+    bad = np.flatnonzero(~ok)
+    return int(bad[0]) if len(bad) else len(heads)
 
 
 class _Source:
@@ -264,40 +276,67 @@ class _Source:
         self.pos, self.left = pos + k, left - k
         return buf[pos:pos + k]
 
-    def batch(self) -> list[tuple[str, memoryview]]:
-        """The plain members wholly in the buffer from here: (name, data) per ustar or V7
-        regular file whose header is written the usual way, with its data and padding read.
+    def batch(self) -> tuple[list[str], list[int], list[int]]:
+        """The plain members wholly in the buffer from here, their data and padding read: the
+        name, data offset in `buf` and size of each ustar or V7 regular file whose header is
+        written the usual way.
 
         Per-member Python is most of untar's time for datasets of tiny images, so these
-        headers are parsed in one loop. Anything else (extended headers, prefixes, other
-        types, odd fields, a member cut by the buffer's end) ends the batch and goes through
-        `next`, which checks it fully.
+        headers are found in one loop over sizes read for every block at once, then checked
+        together. Anything else (extended headers, prefixes, other types, odd fields, a member
+        cut by the buffer's end) ends the batch and goes through `next`, which checks it fully.
         """
-        out: list[tuple[str, memoryview]] = []
+        names: list[str] = []
         if self.left:
-            return out
+            return names, [], []
         buf, pos = self.buf, self.pos
         end = len(buf)
         if self.pad:
             if end - pos < self.pad:
-                return out
+                return names, [], []
             pos, self.pad = pos + self.pad, 0
-        view = memoryview(buf)
+        self.pos = pos
         if not 0 <= pos - self.sizes_at < len(self.sizes) << 9:
-            self.sizes, self.sizes_at = _plain_sizes(buf, pos), pos
-        sizes, at, allowed = self.sizes, self.sizes_at, 0
+            self.sizes, self.sizes_at = _size_fields(buf, pos), pos
+        sizes, at = self.sizes, self.sizes_at
+        heads: list[int] = []
+        lengths: list[int] = []
         while end - pos >= _BLOCK:
             size = sizes[(pos - at) >> 9]
-            start = pos + _BLOCK
-            if size < 0 or start + size + (-size % _BLOCK) > end:
+            nxt = pos + _BLOCK + size + (-size % _BLOCK)
+            if size < 0 or nxt > end:
                 break
-            z = buf.find(0, pos, pos + 100)
-            out.append((buf[pos:z if z >= 0 else pos + 100].decode("utf-8", "surrogateescape"),
-                        view[start:start + size]))
-            allowed += size + _PER_MEMBER_SLACK
-            pos = start + size + (-size % _BLOCK)
-        self.pos, self.allowed = pos, self.allowed + allowed
-        return out
+            heads.append(pos)
+            lengths.append(size)
+            pos = nxt
+        if not heads:
+            return names, [], []
+        k = _plain_count(buf, heads)
+        if k < len(heads):
+            pos = heads[k]
+            del heads[k:], lengths[k:]
+        for h in heads:
+            z = buf.find(0, h, h + 100)
+            names.append(buf[h:z if z >= 0 else h + 100].decode("utf-8", "surrogateescape"))
+        self.pos, self.allowed = pos, self.allowed + sum(lengths) + len(heads) * _PER_MEMBER_SLACK
+        return names, [h + _BLOCK for h in heads], lengths
+
+    def refill(self) -> bool:
+        """Read on when the next header, or the small member it starts, is cut by the buffer's
+        end, so that `batch` takes it rather than `next`; False when that gains nothing (the
+        member fits already, is large, or the stream has ended): then `next` decides."""
+        if self.left or self.pad:
+            return False
+        need = _BLOCK
+        if len(self.buf) - self.pos >= _BLOCK:
+            field = self.buf[self.pos + 124:self.pos + 136]
+            if field[11] != 0 or not field[:11].isdigit():
+                return False
+            size = int(field[:11], 8)
+            need += size + (-size % _BLOCK)
+            if need > _CHUNK or len(self.buf) - self.pos >= need:
+                return False
+        return self.fill(need)
 
     def _checksum(self, pos: int) -> int:
         """The unsigned checksum of the block at buf[pos], summed a window at a time."""
@@ -516,6 +555,12 @@ class _Writer:
     def mkdir(self, name: str, path: str) -> None:
         self._create(name, lambda: os.makedirs(path, 0o755, exist_ok=True))
 
+    def plains(self, buf: bytes, names: list[str], starts: list[int], sizes: list[int]) -> None:
+        """Regular files whose bytes are all at hand: `names[i]` is `buf[starts[i]:][:sizes[i]]`."""
+        view = memoryview(buf)
+        for name, start, size in zip(names, starts, sizes):
+            self.plain(name, view[start:start + size])
+
     def plain(self, name: str, data: memoryview) -> None:
         """One regular file whose bytes are all at hand, under the same rules as any other."""
         path = self.admit(name, "file", len(data))
@@ -555,8 +600,11 @@ def _tar(raw: IO[bytes], w: _Writer) -> None:
     """Stream a tar, then read to EOF so the compressor checks its CRC and length."""
     src = _Source(raw, w.archive)
     while True:
-        for name, data in src.batch():
-            w.plain(name, data)
+        names, starts, sizes = src.batch()
+        if names:
+            w.plains(src.buf, names, starts, sizes)
+        if src.refill():
+            continue
         if (member := src.next()) is None:
             break
         name, kind, size = member
@@ -671,8 +719,100 @@ INDEX_BATCH = 65_536   # index rows held in memory before they are written out a
 STORED_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
+# A name holding any of these goes the general way (`_Writer.admit` decides): an empty, "." or
+# ".." component, a backslash, a drive letter, junk (AppleDouble, __MACOSX, .DS_Store).
+# (A component that starts with a dot, "." and ".." among them, is any "/." or NUL-dot.)
+_NOT_PLAIN = ("\0/", "//", "/\0", "/.", "\0.", "\\", ":", "._", "__MACOSX", ".DS_Store")
+_STORED_ENDS = tuple(f"{suffix}\0" for suffix in STORED_SUFFIXES)
+
+
+@functools.lru_cache
+def _too_deep(depth: int) -> re.Pattern[str]:
+    """Finds a name (between NULs) of more than `depth` components."""
+    return re.compile(f"\0(?:[^/\0]*/){{{depth}}}")
+
+
+def _strings(values: list[str] | bytes, width: int = 0) -> pa.Array:
+    """An Arrow string array built from its buffers (`pa.array` imports pandas, 1.4 s, to ask
+    whether its input is a pandas object). `values`: UTF-8 texts, or (with `width`) one bytes
+    object of texts that many bytes each. A chunk of the index stays far below 2 GiB of text."""
+    if width:
+        data, offsets = values, np.arange(0, len(values) + 1, width, dtype=np.int32)
+    else:
+        data = "".join(values).encode()
+        lengths = map(len, values) if len(data) == sum(map(len, values)) else (len(v.encode()) for v in values)
+        offsets = np.zeros(len(values) + 1, np.int32)
+        np.cumsum(np.fromiter(lengths, np.int64, len(values)), out=offsets[1:])
+    return pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def _int64s(values: list[int] | np.ndarray) -> pa.Array:
+    """An Arrow int64 array from its buffer (no pandas import, see `_strings`)."""
+    data = np.ascontiguousarray(values, np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
+
+
 def _key(path: str) -> int:
     return hash(path)
+
+
+class _Sink:
+    """The blob's bytes and hash, and the index's row groups, written in order on a thread of
+    their own: sha256 of large buffers, file writes and Parquet encoding release the GIL, so they
+    overlap the reading thread's per-member Python. Small writes are gathered into blocks of
+    about _CHUNK; at most _SINK_DEPTH blocks or tables wait, so memory stays bounded."""
+
+    def __init__(self, out: IO[bytes], index_path: str):
+        self.out, self.hash = out, hashlib.sha256()
+        self.index = pq.ParquetWriter(index_path, INDEX_SCHEMA, compression="zstd")
+        self.parts: list[bytes | memoryview] = []
+        self.held = 0
+        self.queue: queue.Queue[bytes | pa.Table | None] = queue.Queue(_SINK_DEPTH)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="pixelsim-untar-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:   # after a failure the rest is only drained
+                try:
+                    if isinstance(item, pa.Table):
+                        self.index.write_table(item)
+                    else:
+                        self.hash.update(item)
+                        self.out.write(item)
+                except BaseException as e:  # noqa: BLE001 - re-raised in the reading thread
+                    self.error = e
+
+    def _put(self, item: bytes | pa.Table | None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(item)
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append to the blob (the bytes object behind `data` is never changed: safe to hand on)."""
+        self.parts.append(data)
+        self.held += len(data)
+        if self.held >= _CHUNK:
+            self._put(b"".join(self.parts) if len(self.parts) > 1 else bytes(self.parts[0]))
+            self.parts, self.held = [], 0
+
+    def rows(self, table: pa.Table) -> None:
+        self._put(table)
+
+    def close(self) -> None:
+        """Write what is gathered, wait for every write, close the index; raise the first error."""
+        try:
+            if self.parts:
+                self._put(b"".join(self.parts))
+                self.parts, self.held = [], 0
+        finally:
+            self.queue.put(None)
+            self.thread.join()
+            if self.index.is_open:
+                self.index.close()
+        if self.error is not None:
+            raise self.error
 
 
 class _Packer(_Writer):
@@ -690,13 +830,15 @@ class _Packer(_Writer):
 
     def __init__(self, archive: str, out: IO[bytes], index_path: str, caps: Caps):
         super().__init__(archive, "", caps)
-        self.out, self.offset, self.blob_hash = out, 0, hashlib.sha256()
+        self.sink, self.offset = _Sink(out, index_path), 0
         self.dirs: set[str] = set()            # every folder, named or implied by a file's path
         self.named_dirs: set[str] = set()      # folders that are members themselves
         self.file_keys = array("q")
         self.files = 0
-        self.index, self.index_path = pq.ParquetWriter(index_path, INDEX_SCHEMA, compression="zstd"), index_path
-        self.batch: tuple[list, list, list, list] = ([], [], [], [])
+        self.index_path = index_path
+        self.batch: tuple[list, list, list, list] = ([], [], [], [])   # rows added one by one
+        self.chunks: list[pa.Table] = []    # rows added a batch at a time (and the batch before them)
+        self.rows = 0                       # rows in both, not yet written
 
     def remember(self, name: str, path: str, kind: str) -> None:
         if path in self.named_dirs:
@@ -730,8 +872,7 @@ class _Packer(_Writer):
             self.total += len(chunk)
             digest.update(chunk)
             if store:
-                self.blob_hash.update(chunk)
-                self.out.write(chunk)
+                self.sink.write(chunk)
         self.index_row(path, size, store, digest.hexdigest())
 
     def index_row(self, path: str, size: int, store: bool, sha256: str) -> None:
@@ -743,8 +884,9 @@ class _Packer(_Writer):
         sizes.append(size)
         digests.append(sha256)
         self.files += 1
+        self.rows += 1
         self.offset += size if store else 0
-        if len(paths) >= INDEX_BATCH:
+        if self.rows >= INDEX_BATCH:
             self.flush()
 
     def plain(self, name: str, data: memoryview) -> None:
@@ -765,19 +907,73 @@ class _Packer(_Writer):
             self.mkdir(name, folder)
         store = name.lower().endswith(STORED_SUFFIXES)
         if store:
-            self.blob_hash.update(data)
-            self.out.write(data)
+            self.sink.write(data)
         self.index_row(name, size, store, hashlib.sha256(data).hexdigest())
 
-    def flush(self) -> None:
-        if self.batch[0]:
-            self.index.write_table(pa.table(dict(zip(INDEX_SCHEMA.names, self.batch)), schema=INDEX_SCHEMA))
+    def plains(self, buf: bytes, names: list[str], starts: list[int], sizes: list[int]) -> None:
+        """`plain` for a batch of the usual members at once: short ASCII paths of plain
+        components, under every cap, no junk, every one an image (stored). The checks run once
+        over the names joined by NULs (which no name holds); the bytes go to the blob in one
+        write; the index gets the batch as Arrow columns. Any doubt sends the whole batch the
+        general way, member by member, which decides."""
+        caps, k = self.caps, len(names)
+        joined = "\0" + "\0".join(names) + "\0"
+        longest = max(map(len, names))
+        if (not joined.isascii() or any(bad in joined for bad in _NOT_PLAIN) or min(map(len, names)) == 0
+                or longest > caps.max_path_bytes
+                or (longest >= 2 * caps.max_depth and _too_deep(caps.max_depth).search(joined))   # else too short
+                or self.count + k > caps.max_members or max(sizes) > caps.max_member_bytes
+                or self.total + sum(sizes) > caps.max_total_bytes
+                or sum(map(joined.lower().count, _STORED_ENDS)) != k):
+            return super().plains(buf, names, starts, sizes)
+        folders: set[str] = set()   # the batch's new folders, ancestors included
+        for folder in {n.rpartition("/")[0] for n in names} - self.dirs:
+            while folder and folder not in self.dirs and folder not in folders:
+                folders.add(folder)
+                folder = folder.rpartition("/")[0]
+        if not (self.dirs.isdisjoint(names) and self.named_dirs.isdisjoint(names) and folders.isdisjoint(names)):
+            return super().plains(buf, names, starts, sizes)   # a file named like a folder: refused in order
+        self.dirs |= folders
+        view = memoryview(buf)
+        datas = [view[start:start + size] for start, size in zip(starts, sizes)]
+        digests = b"".join([hashlib.sha256(d).digest() for d in datas]).hex().encode()
+        blob = b"".join(datas)
+        self.sink.write(blob)
+        lengths = np.fromiter(sizes, np.int64, k)
+        offsets = np.empty(k, np.int64)
+        offsets[0] = self.offset
+        np.cumsum(lengths[:-1], out=offsets[1:])
+        offsets[1:] += self.offset
+        self.pending()
+        self.chunks.append(pa.table([_strings(names), _int64s(offsets), _int64s(lengths), _strings(digests, 64)],
+                                    schema=INDEX_SCHEMA))
+        self.rows += k
+        self.file_keys.extend(map(_key, names))
+        self.count += k
+        self.total += len(blob)
+        self.files += k
+        self.offset += len(blob)
+        if self.rows >= INDEX_BATCH:
+            self.flush()
+
+    def pending(self) -> None:
+        """The rows `index_row` gathered one by one, as a chunk (before a batch's, in order)."""
+        paths, offsets, sizes, digests = self.batch
+        if paths:
+            self.chunks.append(pa.table([_strings(paths), _int64s(offsets), _int64s(sizes),
+                                         _strings("".join(digests).encode(), 64)], schema=INDEX_SCHEMA))
             self.batch = ([], [], [], [])
+
+    def flush(self) -> None:
+        self.pending()
+        if self.chunks:
+            self.sink.rows(pa.concat_tables(self.chunks))
+            self.chunks, self.rows = [], 0
 
     def finish(self) -> None:
         """Write the last rows, then refuse a file named twice, or a folder named like a file."""
         self.flush()
-        self.index.close()
+        self.sink.close()
         keys = np.frombuffer(self.file_keys, np.int64)
         values, counts = np.unique(keys, return_counts=True)
         folders = np.array([_key(d) for d in self.dirs], np.int64)
@@ -809,13 +1005,14 @@ def pack(archive: str | os.PathLike[str], folder: str | os.PathLike[str], *, cap
                 _read(archive, w)
                 w.finish()
             finally:
-                if w.index.is_open:
-                    w.index.close()
+                if w.sink.thread.is_alive():   # the read failed: stop the writer, keep the read's error
+                    with contextlib.suppress(BaseException):
+                        w.sink.close()
     except OSError as e:   # read errors became ArchiveErrors in _guard: this is the writing side
         if e.filename:
             raise
         raise OSError(e.errno, e.strerror or str(e), folder) from e
-    return Packed(files=w.files, bytes=w.offset, sha256=w.blob_hash.hexdigest(), dirs=sorted(w.dirs))
+    return Packed(files=w.files, bytes=w.offset, sha256=w.sink.hash.hexdigest(), dirs=sorted(w.dirs))
 
 
 def read_index(data: bytes | IO[bytes], columns: list[str] | None = None) -> pa.Table:

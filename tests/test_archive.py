@@ -856,3 +856,48 @@ def test_an_unreadable_folder_of_a_folder_source_is_an_error_not_a_missing_class
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(PermissionError, match=r"cannot list a folder of the source.*train/7"):
         list(folder_files(str(tmp_path / "src")))
+
+
+ODD = ["ds/../x.png", "/abs.png", "ds//a.png", "./ds/a.png", "ds/./a.png", "ds\\a.png", "C:a.png", "a:b/c.png",
+       "ds/._a.png", "__MACOSX/ds/a.png", "ds/.DS_Store", "ds/x.DS_Store", "d/" * 33 + "a.png", "ds/é.png",
+       "ds/notes.txt", "ds/UPPER.PNG", "ds/a.jpeg", "ds/" + "n" * 120 + ".png", "ds/.hidden.png", "ds/a.png/",
+       # a file, then a folder of its name; a folder, then a file of its name; one file twice (with a
+       # refusal far later, which must not come first)
+       ("ds/train/3/7.png", "ds/train/3/7.png/x.png"), ("ds/valid/1/x.png/y.png", "ds/valid/1/x.png"),
+       ("ds/train/0/9.png", "ds/train/0/9.png")]
+
+
+@pytest.mark.parametrize("odd", [None, *ODD], ids=lambda o: "usual" if o is None else repr(o)[:30])
+def test_the_batched_path_decides_exactly_as_the_member_by_member_path(tmp_path: Path, monkeypatch, odd) -> None:
+    """Untar takes the usual members a buffer at a time. Random archives of thousands of such
+    members, with hostile, junk, clashing, duplicate, non-image, non-ASCII or large members put
+    among them, give the same blob and index, or the same refusal, as the general
+    path taken one member at a time."""
+    import random
+
+    from pixelsim.storage import archive as A
+    rng = random.Random(repr(odd))
+    n = rng.randrange(2000, 4000)
+    names = [f"ds/{rng.choice(['train', 'valid'])}/{rng.randrange(3)}/{i}.png" for i in range(n)]
+    odds = [] if odd is None else [odd] if isinstance(odd, str) else list(odd)
+    at = rng.randrange(n - 100)   # together, so that they fall in one batch
+    names[at:at] = odds
+    if len(odds) > 1:
+        names.append("ds/../x.png")
+    entries = [tinfo(name, rng.randbytes(rng.choice([0, 1, 300, 511, 512, 513, 1500])
+                                        if rng.random() > 0.002 else (1 << 20) + 7)) for name in names]
+    archive = write_tar(tmp_path / "mixed.tar", entries, mode="w")
+
+    def packed(folder: Path) -> tuple:
+        folder.mkdir()
+        try:
+            out = pack(archive, folder)
+        except ArchiveError as e:
+            return ("refused", str(e))
+        return (out, (folder / PACK_BLOB).read_bytes(), read_index((folder / INDEX).read_bytes()).to_pydict())
+
+    batched = packed(tmp_path / "batched")
+    monkeypatch.setattr(A._Packer, "plains", A._Writer.plains)
+    assert batched == packed(tmp_path / "one-by-one")
+    if odd is None:   # only the usual members: all taken, in batches
+        assert batched[0] != "refused" and batched[0].files == len(entries)
