@@ -36,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pixelsim.storage.errors import ArchiveError, CorruptArchive
+from pixelsim.storage.tables import numbers, strings
 
 _CHUNK = 1 << 20
 # Decompressed bytes tolerated beyond member data (headers, padding, read-ahead), so a
@@ -732,26 +733,6 @@ def _too_deep(depth: int) -> re.Pattern[str]:
     return re.compile(f"\0(?:[^/\0]*/){{{depth}}}")
 
 
-def _strings(values: list[str] | bytes, width: int = 0) -> pa.Array:
-    """An Arrow string array built from its buffers (`pa.array` imports pandas, 1.4 s, to ask
-    whether its input is a pandas object). `values`: UTF-8 texts, or (with `width`) one bytes
-    object of texts that many bytes each. A chunk of the index stays far below 2 GiB of text."""
-    if width:
-        data, offsets = values, np.arange(0, len(values) + 1, width, dtype=np.int32)
-    else:
-        data = "".join(values).encode()
-        lengths = map(len, values) if len(data) == sum(map(len, values)) else (len(v.encode()) for v in values)
-        offsets = np.zeros(len(values) + 1, np.int32)
-        np.cumsum(np.fromiter(lengths, np.int64, len(values)), out=offsets[1:])
-    return pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
-
-
-def _int64s(values: list[int] | np.ndarray) -> pa.Array:
-    """An Arrow int64 array from its buffer (no pandas import, see `_strings`)."""
-    data = np.ascontiguousarray(values, np.int64)
-    return pa.Array.from_buffers(pa.int64(), len(data), [None, pa.py_buffer(data)])
-
-
 def _key(path: str) -> int:
     return hash(path)
 
@@ -945,7 +926,7 @@ class _Packer(_Writer):
         np.cumsum(lengths[:-1], out=offsets[1:])
         offsets[1:] += self.offset
         self.pending()
-        self.chunks.append(pa.table([_strings(names), _int64s(offsets), _int64s(lengths), _strings(digests, 64)],
+        self.chunks.append(pa.table([strings(names), numbers(offsets), numbers(lengths), strings(digests, 64)],
                                     schema=INDEX_SCHEMA))
         self.rows += k
         self.file_keys.extend(map(_key, names))
@@ -960,8 +941,8 @@ class _Packer(_Writer):
         """The rows `index_row` gathered one by one, as a chunk (before a batch's, in order)."""
         paths, offsets, sizes, digests = self.batch
         if paths:
-            self.chunks.append(pa.table([_strings(paths), _int64s(offsets), _int64s(sizes),
-                                         _strings("".join(digests).encode(), 64)], schema=INDEX_SCHEMA))
+            self.chunks.append(pa.table([strings(paths), numbers(offsets), numbers(sizes),
+                                         strings("".join(digests).encode(), 64)], schema=INDEX_SCHEMA))
             self.batch = ([], [], [], [])
 
     def flush(self) -> None:

@@ -111,7 +111,7 @@ def _common_png(data: bytes, channels: int, size: tuple[int, int] | None) -> np.
         arr = _spng_c.spng_decode_image_bytes(data, _SPNG_FORMATS[channels])
     except Exception:  # noqa: BLE001 - decode() gives the authoritative error
         return None
-    if arr.dtype != np.uint8 or arr.shape != (h, w, channels):
+    if arr.itemsize != 1 or arr.shape != (h, w, channels):   # (G8 and RGB8 are uint8: itemsize is the cheap check)
         return None
     return arr.reshape(h, w) if channels == 1 else arr
 

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from pixelsim.storage.errors import IntegrityError
 from pixelsim.storage.images import decode_members
 from pixelsim.storage.root import Root, sha256_file
-from pixelsim.storage.tables import table_digest
+from pixelsim.storage.tables import numbers, strings, table_digest
 
 META_KEY = b"pixelsim"
 # A set's plan: which archive members each of its shards holds, one row group per shard, in
@@ -57,16 +57,17 @@ class Member(NamedTuple):
     offset: int      # in the members blob
 
 
-def write_shard(path: str, meta: ShardMeta, paths: list[str], labels: np.ndarray, images: np.ndarray) -> None:
+def write_shard(path: str, meta: ShardMeta, paths: list[str] | pa.Array, labels: np.ndarray,
+                images: np.ndarray) -> None:
     """Write one shard to a local staging path (published later with its folder)."""
     n = len(paths)
     width = int(np.prod(meta.shape))
     flat = np.ascontiguousarray(images, dtype=np.uint8).reshape(n, width)
     image_col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, pa.py_buffer(flat)])
     table = pa.table({
-        "path": pa.array(paths, pa.string()),
-        "label": pa.DictionaryArray.from_arrays(pa.array(labels, pa.int32()), pa.array(meta.classes, pa.string())),
-        "label_index": pa.array(labels, pa.int16()),
+        "path": paths if isinstance(paths, pa.Array) else strings(paths),
+        "label": pa.DictionaryArray.from_arrays(numbers(labels, np.int32), strings(list(meta.classes))),
+        "label_index": numbers(labels, np.int16),
         "image": image_col,
     }).replace_schema_metadata({META_KEY: json.dumps(meta.to_dict()).encode()})
     pq.write_table(table, path, compression="zstd", row_group_size=max(n, 1))
@@ -111,10 +112,15 @@ def build_shard(root: str, blob: str, rows: pa.Table | PlanGroup, dest: str, met
                                           draft=draft)
     if errors and not skip_bad:
         return {"errors": errors}
-    pixels = np.stack(images) if images else np.zeros((0, *meta.shape), np.uint8)
+    try:   # one copy of every image's bytes (each is meta.shape, uint8, by decode_members' contract)
+        pixels = np.frombuffer(b"".join(images), np.uint8).reshape(len(images), *meta.shape)
+    except BufferError:   # an image that is a strided view
+        pixels = np.stack(images)
+    kept = numbers(good)
     labels = rows.column("label").to_numpy()[np.array(good, dtype=np.int64)].astype(np.int64)
     with r.staged_file(dest) as tmp:
-        write_shard(tmp, meta, [paths[i] for i in good], labels, pixels)
+        write_shard(tmp, meta, rows.column("path").take(kept).combine_chunks() if errors else
+                    rows.column("path").combine_chunks(), labels, pixels)
         digest, size = sha256_file(tmp)
     return {"sha256": digest, "bytes": size, "rows": len(good), "errors": errors,
             "counts": np.bincount(labels, minlength=len(meta.classes)).tolist()}

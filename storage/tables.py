@@ -1,9 +1,31 @@
-"""A digest of an Arrow table's rows, the same wherever the table was read or sliced from."""
+"""Arrow helpers: a digest of a table's rows, the same wherever the table was read or sliced
+from, and arrays built from their buffers, because `pa.array` imports pandas (0.2-1.4 s, in every
+process: each pool worker, the untar step) to ask whether its input is a pandas object."""
 from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import pyarrow as pa
+
+
+def strings(values: list[str] | bytes, width: int = 0) -> pa.Array:
+    """A string array of UTF-8 texts, or (with `width`) of one bytes object of texts that many
+    bytes each. For chunks far below 2 GiB of text (int32 offsets)."""
+    if width:
+        data, offsets = values, np.arange(0, len(values) + 1, width, dtype=np.int32)
+    else:
+        data = "".join(values).encode()
+        lengths = map(len, values) if len(data) == sum(map(len, values)) else (len(v.encode()) for v in values)
+        offsets = np.zeros(len(values) + 1, np.int32)
+        np.cumsum(np.fromiter(lengths, np.int64, len(values)), out=offsets[1:])
+    return pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+
+
+def numbers(values: list[int] | np.ndarray, dtype: type = np.int64) -> pa.Array:
+    """A fixed-width numeric array (no nulls) of `values` as `dtype`."""
+    data = np.ascontiguousarray(values, dtype)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(data.dtype), len(data), [None, pa.py_buffer(data)])
 
 
 def table_digest(table: pa.Table) -> str:
@@ -11,7 +33,7 @@ def table_digest(table: pa.Table) -> str:
     one chunk) and without schema metadata: equal rows give equal digests, and one changed value
     anywhere changes it."""
     t = table.replace_schema_metadata(None)
-    t = t.take(pa.array(range(len(t)), pa.int64())).combine_chunks()
+    t = t.take(numbers(np.arange(len(t)))).combine_chunks()
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, t.schema) as w:
         w.write_table(t)
