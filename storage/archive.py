@@ -42,6 +42,7 @@ _CHUNK = 1 << 20
 # Decompressed bytes tolerated beyond member data (headers, padding, read-ahead), so a
 # bomb hidden in a pax header, a skipped member or trailing padding cannot run away.
 _SLACK = 1 << 20
+_SINK_PARTS = 4096   # small writes gathered into one block at most
 _SINK_DEPTH = 8   # blocks (about _CHUNK each) or index tables waiting for the writer thread
 _PER_MEMBER_SLACK = 4096
 # Extended headers (pax records, long names) a member may bring on top of that: macOS tar
@@ -328,16 +329,17 @@ class _Source:
         member fits already, is large, or the stream has ended): then `next` decides."""
         if self.left or self.pad:
             return False
-        need = _BLOCK
-        if len(self.buf) - self.pos >= _BLOCK:
+        need, avail = _BLOCK, len(self.buf) - self.pos
+        if avail >= _BLOCK:
             field = self.buf[self.pos + 124:self.pos + 136]
-            if field[11] != 0 or not field[:11].isdigit():
+            if field[11] != 0 or field[:11].strip(b"01234567"):   # not 11 octal digits: `next` decides
                 return False
             size = int(field[:11], 8)
             need += size + (-size % _BLOCK)
-            if need > _CHUNK or len(self.buf) - self.pos >= need:
+            if need > _CHUNK or avail >= need:
                 return False
-        return self.fill(need)
+        # what the budget does not cover yet waits for `next`, which grants a member before reading it
+        return need - avail <= self.allowed - self.total and self.fill(need)
 
     def _checksum(self, pos: int) -> int:
         """The unsigned checksum of the block at buf[pos], summed a window at a time."""
@@ -771,11 +773,14 @@ class _Sink:
         self.queue.put(item)
 
     def write(self, data: bytes | memoryview) -> None:
-        """Append to the blob (the bytes object behind `data` is never changed: safe to hand on)."""
-        self.parts.append(data)
+        """Append to the blob. A view is copied: holding it would keep its whole read buffer
+        (1 MiB) alive for a few bytes of a member."""
+        if not data:
+            return
+        self.parts.append(bytes(data) if isinstance(data, memoryview) else data)
         self.held += len(data)
-        if self.held >= _CHUNK:
-            self._put(b"".join(self.parts) if len(self.parts) > 1 else bytes(self.parts[0]))
+        if self.held >= _CHUNK or len(self.parts) >= _SINK_PARTS:
+            self._put(b"".join(self.parts) if len(self.parts) > 1 else self.parts[0])
             self.parts, self.held = [], 0
 
     def rows(self, table: pa.Table) -> None:

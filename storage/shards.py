@@ -114,7 +114,7 @@ def build_shard(root: str, blob: str, rows: pa.Table | PlanGroup, dest: str, met
         return {"errors": errors}
     try:   # one copy of every image's bytes (each is meta.shape, uint8, by decode_members' contract)
         pixels = np.frombuffer(b"".join(images), np.uint8).reshape(len(images), *meta.shape)
-    except BufferError:   # an image that is a strided view
+    except (BufferError, TypeError, ValueError):   # an image that is a strided view, or of another size
         pixels = np.stack(images)
     kept = numbers(good)
     labels = rows.column("label").to_numpy()[np.array(good, dtype=np.int64)].astype(np.int64)

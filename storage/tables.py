@@ -11,15 +11,17 @@ import pyarrow as pa
 
 def strings(values: list[str] | bytes, width: int = 0) -> pa.Array:
     """A string array of UTF-8 texts, or (with `width`) of one bytes object of texts that many
-    bytes each. For chunks far below 2 GiB of text (int32 offsets)."""
+    bytes each; under 2 GiB of text in all (int32 offsets), else OverflowError."""
     if width:
-        data, offsets = values, np.arange(0, len(values) + 1, width, dtype=np.int32)
+        data, offsets = values, np.arange(0, len(values) + 1, width, dtype=np.int64)
     else:
         data = "".join(values).encode()
         lengths = map(len, values) if len(data) == sum(map(len, values)) else (len(v.encode()) for v in values)
-        offsets = np.zeros(len(values) + 1, np.int32)
+        offsets = np.zeros(len(values) + 1, np.int64)
         np.cumsum(np.fromiter(lengths, np.int64, len(values)), out=offsets[1:])
-    return pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(data))
+    if len(data) >= 1 << 31:
+        raise OverflowError(f"{len(data)} bytes of text is more than one string array holds")
+    return pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data))
 
 
 def numbers(values: list[int] | np.ndarray, dtype: type = np.int64) -> pa.Array:

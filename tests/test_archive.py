@@ -901,3 +901,47 @@ def test_the_batched_path_decides_exactly_as_the_member_by_member_path(tmp_path:
     assert batched == packed(tmp_path / "one-by-one")
     if odd is None:   # only the usual members: all taken, in batches
         assert batched[0] != "refused" and batched[0].files == len(entries)
+
+
+def test_a_size_field_with_non_octal_digits_after_a_batch_is_a_corrupt_archive(tmp_path: Path, sentinel: Path) -> None:
+    """Read-ahead at a batch's end must not parse what `next` would refuse (a ValueError before)."""
+    body = bytearray(_entry(b"ds/a.png", b"x" * 10) + _entry(b"ds/b.png", b"y" * 10) + bytes(1024))
+    body[1024 + 124:1024 + 136] = b"00000000019\0"
+    archive = tmp_path / "nine.tar"
+    archive.write_bytes(bytes(body))
+    assert_refused(tmp_path, archive, "bad header checksum at offset 1024")
+
+
+def test_reading_ahead_for_a_batch_stays_within_the_byte_budget(tmp_path: Path) -> None:
+    """A member's bytes are read once its size is granted: 1 MB of pax comment (metadata over
+    its 64 KiB grant) then a 300 KB member is a valid archive, as tarfile says."""
+    b = io.BytesIO()
+    with tarfile.open(fileobj=b, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        ti = tarfile.TarInfo("a.png")
+        ti.size, ti.pax_headers = 10, {"comment": "c" * 1_000_000}
+        tf.addfile(ti, io.BytesIO(b"x" * 10))
+        ti = tarfile.TarInfo("b.png")
+        ti.size = 300_000
+        tf.addfile(ti, io.BytesIO(b"y" * 300_000))
+    archive = tmp_path / "comment.tar"
+    archive.write_bytes(b.getvalue())
+    members = _packed_members(archive, tmp_path / "packed")
+    assert [(m.path, m.size) for m in members] == [("a.png", 10), ("b.png", 300_000)]
+
+
+def test_the_blob_writer_keeps_no_read_buffer_alive(tmp_path: Path) -> None:
+    """Members written one by one are views of a 1 MiB read buffer: the writer copies them (and
+    skips empty ones), or millions of tiny members would pin a buffer each (1 GiB at 2M)."""
+    import sys
+
+    from pixelsim.storage.archive import _Sink
+    with open(tmp_path / "blob", "wb") as out:
+        sink = _Sink(out, str(tmp_path / "index.parquet"))
+        buf = bytes(range(256)) * 4096
+        before = sys.getrefcount(buf)
+        for i in range(100):
+            sink.write(memoryview(buf)[i:i + 3])
+            sink.write(memoryview(buf)[i:i])
+        assert sys.getrefcount(buf) == before and len(sink.parts) == 100
+        sink.close()
+    assert (tmp_path / "blob").read_bytes() == b"".join(buf[i:i + 3] for i in range(100))
