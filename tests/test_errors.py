@@ -148,3 +148,52 @@ def test_a_full_disk_in_a_later_step_names_the_file_and_a_rerun_completes(cli):
         assert not [f for f in (cli.root / folder).rglob("*") if f.is_file()], folder   # no .tmp- file left
         p = run(None)
         assert p.returncode == 0 and "accuracy on 3: 0.9168" in p.stdout, p.stderr
+
+
+def test_ctrl_c_mid_run_ends_quietly_and_the_run_is_not_left_running(cli, tmp_path):
+    """Ctrl-C while the download waits on a stalled server: one line, exit 130, no traceback,
+    and the flow run in the Prefect API is Crashed or Cancelled, not Running for ever."""
+    import http.server
+    import signal
+    import threading
+    import time
+
+    asked = threading.Event()
+
+    class Stall(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):   # noqa: N802 - the handler's name
+            asked.set()
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            time.sleep(60)
+
+        def do_HEAD(self):   # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Stall)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/stalled.tgz"
+    p = subprocess.Popen([PIXELSIM, "run", "--source", url, "--root", str(cli.root)], env=cli.env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert asked.wait(120), "the run never asked for the archive"
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+        server.shutdown()
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "pixelsim: interrupted"
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: cli.env["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        states = [r.state_type.value for r in c.read_flow_runs() if r.parameters.get("source") == url]
+    assert states and all(s in ("CRASHED", "CANCELLED") for s in states), states
