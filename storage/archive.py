@@ -177,7 +177,7 @@ _USTAR = np.frombuffer(b"ustar\0", np.uint8)
 
 def _unsigned_sums(a: np.ndarray) -> np.ndarray:
     """Each 512-byte row's tar checksum: its bytes summed, the checksum field counted as spaces."""
-    return a.sum(1, dtype=np.uint32).astype(np.int64) - a[:, 148:156].sum(1, dtype=np.int64) + 256   # uint32: 2x int64's speed
+    return a.sum(1, dtype=np.uint32).astype(np.int64) - a[:, 148:156].sum(1, dtype=np.int64) + 256   # uint32 holds 512 x 255 and sums faster
 
 
 def _octal_digits(field: np.ndarray) -> np.ndarray:
@@ -330,11 +330,11 @@ class _Source:
         if self.left or self.pad:
             return False
         need, avail = _BLOCK, len(self.buf) - self.pos
-        if avail >= _BLOCK:
-            field = self.buf[self.pos + 124:self.pos + 136]
-            if field[11] != 0 or field[:11].strip(b"01234567"):   # not 11 octal digits: `next` decides
+        if avail >= _BLOCK:   # a whole block, so `batch` has read its size field (-1: not a plain header)
+            at = self.pos - self.sizes_at
+            size = self.sizes[at >> 9] if at % _BLOCK == 0 and 0 <= at >> 9 < len(self.sizes) else -1
+            if size < 0:
                 return False
-            size = int(field[:11], 8)
             need += size + (-size % _BLOCK)
             if need > _CHUNK or avail >= need:
                 return False
@@ -748,7 +748,7 @@ class _Sink:
     def __init__(self, out: IO[bytes], index_path: str):
         self.out, self.hash = out, hashlib.sha256()
         self.index = pq.ParquetWriter(index_path, INDEX_SCHEMA, compression="zstd")
-        self.parts: list[bytes | memoryview] = []
+        self.parts: list[bytes] = []
         self.held = 0
         self.queue: queue.Queue[bytes | pa.Table | None] = queue.Queue(_SINK_DEPTH)
         self.error: BaseException | None = None
@@ -822,7 +822,7 @@ class _Packer(_Writer):
         self.file_keys = array("q")
         self.files = 0
         self.index_path = index_path
-        self.batch: tuple[list, list, list, list] = ([], [], [], [])   # rows added one by one
+        self.singles: tuple[list, list, list, list] = ([], [], [], [])   # rows added one by one
         self.chunks: list[pa.Table] = []    # rows added a batch at a time (and the batch before them)
         self.rows = 0                       # rows in both, not yet written
 
@@ -864,7 +864,7 @@ class _Packer(_Writer):
     def index_row(self, path: str, size: int, store: bool, sha256: str) -> None:
         """Remember a stored (or only indexed) file: its key for `finish`, its row for the index."""
         self.file_keys.append(_key(path))
-        paths, offsets, sizes, digests = self.batch
+        paths, offsets, sizes, digests = self.singles
         paths.append(path)
         offsets.append(self.offset if store else -1)
         sizes.append(size)
@@ -944,11 +944,11 @@ class _Packer(_Writer):
 
     def pending(self) -> None:
         """The rows `index_row` gathered one by one, as a chunk (before a batch's, in order)."""
-        paths, offsets, sizes, digests = self.batch
+        paths, offsets, sizes, digests = self.singles
         if paths:
             self.chunks.append(pa.table([strings(paths), numbers(offsets), numbers(sizes),
                                          strings("".join(digests).encode(), 64)], schema=INDEX_SCHEMA))
-            self.batch = ([], [], [], [])
+            self.singles = ([], [], [], [])
 
     def flush(self) -> None:
         self.pending()

@@ -114,13 +114,12 @@ def build_shard(root: str, blob: str, rows: pa.Table | PlanGroup, dest: str, met
         return {"errors": errors}
     try:   # one copy of every image's bytes (each is meta.shape, uint8, by decode_members' contract)
         pixels = np.frombuffer(b"".join(images), np.uint8).reshape(len(images), *meta.shape)
-    except (BufferError, TypeError, ValueError):   # an image that is a strided view, or of another size
+    except TypeError:   # an image that is a strided view, which join cannot read
         pixels = np.stack(images)
-    kept = numbers(good)
     labels = rows.column("label").to_numpy()[np.array(good, dtype=np.int64)].astype(np.int64)
+    path = rows.column("path")
     with r.staged_file(dest) as tmp:
-        write_shard(tmp, meta, rows.column("path").take(kept).combine_chunks() if errors else
-                    rows.column("path").combine_chunks(), labels, pixels)
+        write_shard(tmp, meta, (path.take(numbers(good)) if errors else path).combine_chunks(), labels, pixels)
         digest, size = sha256_file(tmp)
     return {"sha256": digest, "bytes": size, "rows": len(good), "errors": errors,
             "counts": np.bincount(labels, minlength=len(meta.classes)).tolist()}

@@ -1,6 +1,6 @@
 """Arrow helpers: a digest of a table's rows, the same wherever the table was read or sliced
-from, and arrays built from their buffers, because `pa.array` imports pandas (0.2-1.4 s, in every
-process: each pool worker, the untar step) to ask whether its input is a pandas object."""
+from, and arrays built from their buffers, because `pa.array` imports pandas (in every process
+that calls it: each pool worker, the untar step) to ask whether its input is a pandas object."""
 from __future__ import annotations
 
 import hashlib

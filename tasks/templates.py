@@ -70,9 +70,9 @@ def class_means(batches: Iterable[tuple[np.ndarray, np.ndarray]], n_classes: int
     order and blocking; memory is one batch plus one block plus (classes x pixels).
 
     On the CPU torch gets one thread fewer than it would take: the batches are read, hashed and
-    parsed on this thread meanwhile, and at 1M images on 2 cores torch's default made the step
-    take 0.5 to 1.9 s from run to run (its idle threads spinning against the reader), one
-    thread a steady 0.5 to 0.7 s. The setting is put back afterwards.
+    parsed on this thread meanwhile, and with every core given to torch its idle threads spin
+    against the reader (on 2 cores the step's time then varied threefold from run to run;
+    section G of the benchmark times it). The setting is put back afterwards.
     """
     import torch
 
