@@ -181,9 +181,10 @@ def split_files(paths: list[str], layout: Layout, split: str) -> list[tuple[str,
 
 
 # a name with exactly one run of digits (0001.png, img_12.jpg): its natural order is a plain
-# sort once the digits are zero-padded, so the common case needs no Python per file
+# sort on (text before, the number, text after), so the common case needs no Python per file
 _ONE_NUMBER = r"^([^0-9]*)([0-9]+)([^0-9]*)$"
-_PAD = 20
+_ONE_NUMBER_FIELDS = r"^(?P<a>[^0-9]*)(?P<n>[0-9]+)(?P<b>[^0-9]*)$"
+_INT_DIGITS = 18   # every number of up to 18 digits fits an int64
 
 
 def split_rows(index: "pa.Table", layout: Layout, split: str) -> "pa.Table":
@@ -205,16 +206,16 @@ def split_rows(index: "pa.Table", layout: Layout, split: str) -> "pa.Table":
         return rows
     name = pc.struct_field(parts.filter(keep), "name")
     if pc.all(pc.match_substring_regex(name, _ONE_NUMBER)).as_py():
-        pieces = pc.extract_regex(name, r"^(?P<a>[^0-9]*)(?P<n>[0-9]+)(?P<b>[^0-9]*)$")
+        pieces = pc.extract_regex(name, _ONE_NUMBER_FIELDS)
         digits = pc.struct_field(pieces, "n")
-        if pc.max(pc.utf8_length(digits)).as_py() <= _PAD:
-            # \x00 sorts below every character, so a shorter text part sorts first, as in natural_key
-            key = pc.binary_join_element_wise(pc.struct_field(pieces, "a"), pc.utf8_lpad(digits, _PAD, "0"),
-                                              pc.struct_field(pieces, "b"), "\x00")
-            order = pc.sort_indices(pa.table({"label": rows.column("label"), "key": key,
-                                              "path": rows.column("path")}),
-                                    sort_keys=[("label", "ascending"), ("key", "ascending"),
-                                               ("path", "ascending")])
+        if pc.max(pc.utf8_length(digits)).as_py() <= _INT_DIGITS:
+            # natural_key's order as columns: text before, number, text after, then the path
+            # (within a class, the path orders as the name does: "3" and "03" are never a tie)
+            keys = {"label": rows.column("label"), "a": pc.struct_field(pieces, "a"),
+                    "n": pc.cast(digits, pa.int64()), "b": pc.struct_field(pieces, "b"), "path": rows.column("path")}
+            del pieces, digits, name
+            order = pc.sort_indices(pa.table(keys), sort_keys=[(k, "ascending") for k in keys])
+            del keys
             return rows.take(order)
     names, labels = name.to_pylist(), rows.column("label").to_pylist()
     order = sorted(range(len(names)), key=lambda i: (labels[i], natural_key(names[i])))

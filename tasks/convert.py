@@ -28,6 +28,7 @@ from pixelsim.storage.layout import deeper_files, find_layout, layout_paths, spl
 from pixelsim.storage.root import Root, part_of, publish_parts, sha256_bytes
 from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, parse_members,
                                      PlanWriter, rows_digest)
+from pixelsim.storage.tables import release
 from pixelsim.tasks import pool
 from pixelsim.tasks.bounds import plan_bounds
 from pixelsim.tasks.contracts import Options, Part, ShardJob, ShardPlan, ShardSet, Tree
@@ -181,6 +182,7 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
         pool.warm()   # a first conversion of a large archive: the workers boot while this plans
     paths = pa.table({"path": names.column("path"), "row": pa.array(np.arange(len(names), dtype=np.int64))})
     del names
+    release()
     layout = find_layout(layout_paths(paths), folders=folders, train_split=o.train_split,
                          valid_split=o.valid_split, classes=list(o.classes) if o.classes else None)
     splits, notes = [], list(layout.notes)
@@ -203,7 +205,9 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
             notes.append(f"no validation image of class(es) {', '.join(empty)} in {where}/: no accuracy for them, and "
                          f"balanced is the mean over the other classes")
         splits.append((role, folder, rows))
+        release()
     del paths
+    release()
     index = tree_index(tree, ["sha256", "size", "offset"])[0]
     layout = dataclasses.replace(layout, notes=notes)
     if o.resize:
