@@ -178,6 +178,7 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     """
     o = options
     names, folders = tree_index(tree, ["path"])
+    members = len(names)
     if len(names) >= POOL_MIN_IMAGES and not Root(tree.root).glob(catalog.shard_manifests(dataset)):
         pool.warm()   # a first conversion of a large archive: the workers boot while this plans
     paths = pa.table({"path": names.column("path"), "row": pa.array(np.arange(len(names), dtype=np.int64))})
@@ -221,7 +222,7 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     # before any decoding: images per shard by pixel bytes too, and the run's peak memory checked
     images = sum(len(rows) for _, _, rows in splits)
     processes = pool.workers() if images >= POOL_MIN_IMAGES else 1
-    per_shard = plan_bounds(shape, len(layout.classes), o.shard_size, processes).shard_images
+    per_shard = plan_bounds(shape, len(layout.classes), o.shard_size, processes, members).shard_images
     key = catalog.step_key("convert", VERSION, tree.digest, layout.to_dict(), per_shard, o.channels,
                            list(o.resize) if o.resize else None, *(["exact"] if o.resize and o.exact_resize else []))
     rel = catalog.shards_dir(dataset, key)

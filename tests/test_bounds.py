@@ -30,6 +30,11 @@ def test_a_peak_over_the_limit_fails_before_decoding_naming_what_to_change(monke
     peak = plan_bounds((8192, 8192, 3), 2, 5000, 2).peak_bytes          # two classes fit in 16 GiB
     w = 8192 * 8192 * 3
     assert peak == bounds.BASE + 2 * w + 24 * 2 * w + 16 * w             # templates: one image per shard
+    # the plan's index and sort grow with the archive's members (its cap bounds them)
+    assert plan_bounds((28, 28), 2, 5000, 2, members=10**6).peak_bytes == (
+        plan_bounds((28, 28), 2, 5000, 2).peak_bytes + bounds.PLAN * 10**6)
+    with pytest.raises(OptionError, match="in an archive of 50,000,000 members need about 19.1 GiB"):
+        plan_bounds((28, 28), 2, 5000, 2, members=50 * 10**6)
     for bad in ("lots", "0", "-5"):
         monkeypatch.setenv(bounds.MAX_MEMORY_ENV, bad)
         with pytest.raises(OptionError, match=f"PIXELSIM_MAX_MEMORY={bad!r}: expected a whole number, at least 1"):
