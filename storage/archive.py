@@ -960,10 +960,13 @@ class _Packer(_Writer):
         """Write the last rows, then refuse a file named twice, or a folder named like a file."""
         self.flush()
         self.sink.close()
-        keys = np.frombuffer(self.file_keys, np.int64)
-        values, counts = np.unique(keys, return_counts=True)
+        keys = np.frombuffer(self.file_keys, np.int64)   # sorted in place: no copy the size of the archive
+        keys.sort()
         folders = np.array([_key(d) for d in self.dirs], np.int64)
-        suspects = set(values[counts > 1].tolist()) | set(keys[np.isin(keys, folders)].tolist())
+        suspects = set(keys[1:][keys[1:] == keys[:-1]].tolist())   # named twice
+        if len(keys):   # a folder named like a file
+            at = np.minimum(np.searchsorted(keys, folders), len(keys) - 1)
+            suspects |= set(folders[keys[at] == folders].tolist())
         if not suspects:
             return
         seen: set[str] = set()
