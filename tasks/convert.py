@@ -28,7 +28,7 @@ from pixelsim.storage.layout import deeper_files, find_layout, layout_paths, spl
 from pixelsim.storage.root import Root, part_of, publish_parts, sha256_bytes
 from pixelsim.storage.shards import (MEMBERS, Member, ShardMeta, build_shard, member_bytes, parse_members,
                                      PlanWriter, rows_digest)
-from pixelsim.storage.tables import release
+from pixelsim.storage.tables import numbers, release
 from pixelsim.tasks import pool
 from pixelsim.tasks.bounds import plan_bounds
 from pixelsim.tasks.contracts import Options, Part, ShardJob, ShardPlan, ShardSet, Tree
@@ -140,24 +140,33 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int,
 
     if earlier is None:
         return cut(rows)
-    old = earlier.members.filter(pc.starts_with(earlier.members.column("part"), role + "-"))
-    if not len(old):
-        return cut(rows)
-
-    # each row's earlier shard: by path (paths are unique), kept only if the bytes are the same
-    at = pc.index_in(rows.column("path"), value_set=old.column("path"))
-    same = pc.equal(old.column("sha256").take(at), rows.column("sha256") if sha256 is None else sha256)
-    part = pc.if_else(same, old.column("part").take(at), pa.scalar(None, pa.string()))
-    need = {d["values"]: d["counts"] for d in pc.value_counts(old.column("part")).to_pylist()}
-    have = {d["values"]: d["counts"] for d in pc.value_counts(part.drop_null()).to_pylist()}
-    keep = sorted(n for n, c in need.items()
-                  if have.get(n) == c and shard_size >= c and c * REUSE_MIN >= shard_size and n in earlier.parts
+    # each row's earlier shard, as a code into the earlier set's part names: found by path (paths
+    # are unique), kept only if the bytes are the same; integer codes, never a copy of the names
+    part = earlier.members.column("part")
+    part = (part if pa.types.is_dictionary(part.type) else pc.dictionary_encode(part)).unify_dictionaries()
+    part = part.combine_chunks() if part.num_chunks != 1 else part.chunk(0)
+    names, codes = part.dictionary.to_pylist(), part.indices.to_numpy(zero_copy_only=False)
+    at = pc.index_in(rows.column("path"), value_set=earlier.members.column("path"))
+    same = pc.fill_null(pc.equal(earlier.members.column("sha256").take(at),
+                                 rows.column("sha256") if sha256 is None else sha256), False).to_numpy(zero_copy_only=False)
+    found = np.where(same, codes[pc.fill_null(at, 0).to_numpy(zero_copy_only=False)] if len(codes) else 0, -1)
+    del at, same
+    need = np.bincount(codes, minlength=len(names))
+    have = np.bincount(found[found >= 0], minlength=len(names))
+    keep = sorted((n, k) for k, n in enumerate(names)
+                  if n.startswith(role + "-") and have[k] == need[k] and shard_size >= need[k]
+                  and need[k] * REUSE_MIN >= shard_size and n in earlier.parts
                   and catalog.is_shard_name(n))   # a plain file name of the earlier folder, nothing else
-    group = pc.fill_null(pc.index_in(part, value_set=pa.array(keep, pa.string())), len(keep))
-    order = pc.sort_indices(pa.table({"g": group, "i": pa.array(np.arange(len(rows)))}),
-                            sort_keys=[("g", "ascending"), ("i", "ascending")])
-    rows = rows.take(order)
-    sizes = np.bincount(group.to_numpy(zero_copy_only=False), minlength=len(keep) + 1)
+    if not keep:
+        return cut(rows)
+    to_group = np.full(len(names) + 1, len(keep), np.int64)   # code -1 (no earlier shard) is the last
+    to_group[[k for _, k in keep]] = np.arange(len(keep))
+    group = to_group[found]
+    del found
+    order = np.argsort(group, kind="stable")   # by shard kept, rows in their order within each
+    rows = rows.take(numbers(order))
+    sizes = np.bincount(group, minlength=len(keep) + 1)
+    keep = [n for n, _ in keep]
     starts = np.concatenate([[0], np.cumsum(sizes)])
     out = [({**earlier.parts[n], "file": posixpath.join(earlier.dir, n)}, rows.slice(starts[j], sizes[j]))
            for j, n in enumerate(keep)]
@@ -231,9 +240,12 @@ def plan_shards(tree: Tree, dataset: str, options: Options) -> ShardPlan:
     jobs, plan = [], PlanWriter()
     plan_file = posixpath.join(rel, MEMBERS)
     digests = index.column("sha256")
-    cuts = [(role, folder, assign(rows, role, earlier, per_shard, digests.take(rows.column("row")) if earlier else None))
-            for role, folder, rows in splits]
-    del splits
+    cuts = []
+    for role, folder, rows in splits:
+        cuts.append((role, folder, assign(rows, role, earlier, per_shard,
+                                          digests.take(rows.column("row")) if earlier else None)))
+        release()
+    del splits, earlier
     shards = sum(len(chunks) for _, _, chunks in cuts)
     if shards > MANY_SHARDS and per_shard < Options.shard_size:
         log.warning("%d shards of at most %d images: each is a task of its own (about 0.1 s apiece with Prefect); "
