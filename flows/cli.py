@@ -406,6 +406,8 @@ def command(args: argparse.Namespace) -> int:
     for c in rep["classes"]:
         print(f"  {args.metric} accuracy on {shown(c)}: {m['per_class'][c]}")
     print(f"  balanced (mean of classes): {m['balanced']}   overall: {m['overall']}")
+    for note in rep["notes"]:   # what the layout left out: the figures hold only for the rest
+        print(f"note: {shown(note)}")
     print(f"reused cached results for {len(reused)} of {len(out.cached)} steps"
           + (f": {', '.join(reused)}" if reused else ""))
     print(f"report: {rep['artifacts']['report']}/report.html")

@@ -15,6 +15,7 @@ VALID_NAMES = ("valid", "validation", "test", "testing")
 _DIGITS = re.compile(r"(\d+)")
 # a shard's `label_index` column is int16 (storage/shards.py): a class beyond it has no label
 MAX_CLASSES = 2**15 - 1
+MAX_NAMED = 5   # ignored files or folders of one kind named in the notes (then a count), however many
 
 
 def natural_key(name: str) -> tuple:
@@ -75,6 +76,13 @@ def _same_split(name: str, where: str) -> str:
             "are made of would overstate the accuracy: name another folder")
 
 
+def _listed(items: list[str], say, more: str) -> list[str]:
+    """Notes for the first MAX_NAMED items, then one counting the rest: an archive of a
+    million stray files gets a few lines, not a million."""
+    return [say(x) for x in items[:MAX_NAMED]] + ([f"... and {len(items) - MAX_NAMED} more {more}"]
+                                                  if len(items) > MAX_NAMED else [])
+
+
 def _class_folders(dirs: dict[str, set[str]], split: str) -> list[str]:
     return sorted(dirs.get(split, ()), key=natural_key)
 
@@ -114,16 +122,22 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
     if valid is None:
         wanted = valid_split or "/".join(VALID_NAMES)
         raise LayoutError(f"no labeled validation split folder ({wanted}) beside {join(base, train)}/")
-    for other in sorted(dirs[base] - {train, valid} - set(VALID_NAMES)):
-        notes.append(f"folder {other}/ ignored: not a split")
+    notes += _listed(sorted(dirs[base] - {train, valid} - set(VALID_NAMES)),
+                     lambda d: f"folder {d}/ ignored: not a split", "folder(s) beside the splits ignored")
+    # another tree with its own splits beside this one (a/train/ and b/train/): said, not merged
+    rivals = sorted((d for d in dirs if d != base and not d.startswith(base + "/" if base else "")
+                     and any(n in dirs[d] for n in train_names)), key=lambda d: (d.count("/"), d))
+    notes += _listed(rivals, lambda d: f"folder {d}/ ignored: it holds a split folder of its own, but only "
+                     f"{base or '.'}/ (the shallowest, first by name) is read; unpack the one you want on its own",
+                     "such folder(s) ignored")
 
     def images(split: str, cls: str) -> int:
         return under[join(base, split, cls)]
 
     train_classes = [c for c in _class_folders(dirs, join(base, train))]
     empty = [c for c in train_classes if images(train, c) == 0]
-    for c in empty:
-        notes.append(f"class folder {join(base, train, c)}/ ignored: it holds no files")
+    notes += _listed(empty, lambda c: f"class folder {join(base, train, c)}/ ignored: it holds no files",
+                     "empty class folder(s) ignored")
     train_classes = [c for c in train_classes if c not in empty]
     if classes:
         unknown = [c for c in classes if c not in train_classes]
@@ -141,8 +155,11 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
     if missing:
         raise LayoutError(f"validation class folder(s) {', '.join(join(base, valid, c) + '/' for c in missing)} "
                           f"have no training images, so no template")
-    for name in files.get(join(base, train), []) + files.get(join(base, valid), []):
-        notes.append(f"file {name} beside the class folders ignored")
+    notes += _listed(files.get(base, []), lambda name: f"file {name} beside the split folders ignored",
+                     "file(s) beside the split folders ignored")
+    notes += _listed(files.get(join(base, train), []) + files.get(join(base, valid), []),
+                     lambda name: f"file {name} beside the class folders ignored",
+                     "file(s) beside the class folders ignored")
     return Layout(base=base, train=train, valid=valid, classes=train_classes, notes=notes)
 
 

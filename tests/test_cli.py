@@ -64,6 +64,7 @@ def test_human_output_and_refresh(cli, serve):
     assert "rmse accuracy on 3: 0.9429" in first.stdout
     assert "reused cached results for 0 of 6 steps" in first.stdout
     assert "mnist_tiny: 2 classes, 700 train / 700 valid images" in first.stdout
+    assert "note: file labels.csv beside the split folders ignored" in first.stdout   # said, not only in the report
     again = cli("run", "--source", url, "--metric", "rmse", "--refresh", "--json")
     assert again.code == 0, again.stderr
     assert again.states() == ["Completed"] * 7   # 2 convert shards, 1 evaluate shard

@@ -101,6 +101,24 @@ def test_layout_finds_splits_classes_and_notes():
     assert find_layout(paths, classes=["10", "2"]).classes == ["2", "10"]
 
 
+def test_a_second_tree_with_splits_of_its_own_is_named_in_the_notes_not_skipped_silently():
+    """Two datasets in one archive (a/train, a/valid and b/train, b/valid): one is read, the
+    notes name the other, so the figures never stand for a tree the user did not mean unsaid."""
+    tree = ["a/train/3/x.png", "a/train/7/y.png", "a/valid/3/z.png", "a/valid/7/w.png"]
+    rivals = [f"{d}/train/3/x.png" for d in ("b", "c/deep", "z1", "z2", "z3", "z4")]
+    lay = find_layout(tree + rivals)
+    assert lay.base == "a"
+    named = [n for n in lay.notes if "holds a split folder of its own" in n]
+    assert [n.split("/")[0].removeprefix("folder ") for n in named] == ["b", "z1", "z2", "z3", "z4"]
+    assert "only a/ (the shallowest, first by name) is read" in named[0]
+    assert lay.notes[-1] == "... and 1 more such folder(s) ignored"   # c/deep, the deepest
+    assert not [n for n in find_layout(tree + ["a/train/3/train/q.png"]).notes if "of its own" in n]
+    # however many strays of one kind, the notes name a few and count the rest
+    strays = find_layout(tree + [f"a/train/stray{i}.txt" for i in range(12)]).notes
+    assert len([n for n in strays if n.startswith("file stray")]) == 5
+    assert "... and 7 more file(s) beside the class folders ignored" in strays
+
+
 def test_names_equal_by_number_have_one_order_in_every_process():
     """Class folders "3", "03" and "003" tie by number: their text decides, not the hash seed of
     the process (a set's order), so reruns find the same classes, labels and cache keys."""
