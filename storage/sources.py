@@ -47,3 +47,18 @@ def fingerprint(url: str, timeout: float = 5.0, skip: tuple[str, ...] = ()) -> d
         raise DownloadError(redact(url), f"unreachable: {_cause(e, url)}") from None
     keep = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "checksum", "md5")
     return {k: str(info[k]) for k in keep if info.get(k) is not None}
+
+
+def identifies(url: str, found: dict) -> bool:
+    """Whether a fingerprint tells the file now behind `url` from another one, so that a cached
+    download keyed by it may be reused. Not when the source refused HEAD or named no version
+    (no ETag, modification time or checksum), and not without an ETag when the URL carries
+    credentials or signed parameters: the cache key masks them (`?key=a` and `?key=b` would
+    share it). Such a source is downloaded again each run; what follows is keyed by its bytes."""
+    if "folder" in found:
+        return True
+    versions = [k for k in found if k.lower() in ("etag", "checksum", "md5")]
+    if redact(url) != url:
+        return bool(versions)
+    return bool(versions or [k for k in found if k.lower() in ("last-modified", "mtime", "lastmodified", "last_modified")])
+

@@ -183,3 +183,67 @@ def test_a_fifo_or_a_link_to_an_endless_device_in_the_root_is_rebuilt_without_ha
 def _replace(path: Path) -> Path:
     path.unlink()
     return path
+
+
+def swapped_tiny(dest: Path) -> Path:
+    """mnist_tiny with its 3s and 7s folders exchanged: other bytes, mirrored figures."""
+    with tarfile.open(TINY) as src, tarfile.open(dest, "w:gz") as out:
+        for m in src:
+            data = src.extractfile(m).read() if m.isfile() else None
+            m.name = m.name.replace("/3/", "/\0/").replace("/7/", "/3/").replace("/\0/", "/7/")
+            out.addfile(m, io.BytesIO(data) if data is not None else None)
+    return dest
+
+
+def test_sources_whose_urls_differ_only_in_a_masked_value_never_share_a_cached_download(tmp_path):
+    """`?key=a` and `?key=b` show (and key) alike, since a key-like value is masked as a
+    credential; a server that refuses HEAD (as presigned URLs do) gives no version to tell them
+    apart. Such a source is fetched again: the second run has its own archive's figures."""
+    import http.server
+    import threading
+    from urllib.parse import parse_qs, urlsplit
+
+    files = {"tiny": TINY.read_bytes(), "swapped": swapped_tiny(tmp_path / "s.tgz").read_bytes()}
+
+    class Objects(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(405)
+            self.end_headers()
+
+        def do_GET(self):
+            body = files[parse_qs(urlsplit(self.path).query)["key"][0]]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Objects)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/get.tgz?key="
+        root = str(tmp_path / "root")
+        first = pixelsim.run(source=url + "tiny", root=root, dataset="objects")
+        assert_figures(first.report, TINY_FIGURES)
+        second = pixelsim.run(source=url + "swapped", root=root, dataset="objects")
+        mirrored = {m: {"3": f["7"], "7": f["3"], "balanced": f["balanced"]} for m, f in TINY_FIGURES.items()}
+        assert_figures(second.report, mirrored)
+        assert second.report["source"]["sha256"] != first.report["source"]["sha256"]
+        again = pixelsim.run(source=url + "tiny", root=root, dataset="objects")   # fetched, then all by content
+        assert_figures(again.report, TINY_FIGURES)
+        assert again.cached["untar"] and again.cached["convert"] and not again.cached["download"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_cached_download_is_trusted_only_on_a_fingerprint_that_names_a_version():
+    from pixelsim.storage.sources import identifies
+    plain, signed = "https://h/d.tgz", "https://h/d.tgz?X-Amz-Signature=abc"
+    assert identifies(plain, {"etag": '"1"'}) and identifies(plain, {"last-modified": "Tue", "content-length": "9"})
+    assert identifies("/data/d.tgz", {"size": "9", "mtime": "1.5"}) and identifies("/data", {"folder": "ab", "files": 3})
+    assert not identifies(plain, {"status": 405}) and not identifies(plain, {}) and not identifies(plain, {"content-length": "9"})
+    assert identifies(signed, {"etag": '"1"'}) and not identifies(signed, {"last-modified": "Tue"})
+    assert not identifies("https://user:pw@h/d.tgz", {"last-modified": "Tue"})
