@@ -248,6 +248,16 @@ def _main(argv: list[str] | None) -> int:
         print(f"pixelsim: error: {error_line(e)}", file=sys.stderr)
         return 2 if isinstance(e, OptionError) else 1
     except Exception as e:
+        from pixelsim.storage.errors import backend_failure
+        if (cause := backend_failure(e)) is not None:   # the root's object store, mid-run or in show/runs/diff
+            if args.verbose:
+                import traceback
+                traceback.print_exc()
+            root = getattr(args, "root", None)
+            print(f"pixelsim: error: the storage root {redact_url(root) if root else ''} refused: {type(cause).__name__}: "
+                  f"{str(cause).splitlines()[0] if str(cause) else 'no detail'} (check its credentials and bucket)",
+                  file=sys.stderr)
+            return 1
         if not api_failure(e):
             raise
         if args.verbose:
@@ -257,6 +267,11 @@ def _main(argv: list[str] | None) -> int:
               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); what the run published "
               "in the storage root is kept, and a rerun reuses it", file=sys.stderr)
         return 1
+
+
+def redact_url(url: str) -> str:
+    from pixelsim.storage.fetch import redact
+    return redact(url)
 
 
 def api_failure(e: BaseException) -> bool:

@@ -82,5 +82,25 @@ class NotPublished(IntegrityError):
     """An output folder has no manifest: never built, or its build did not finish."""
 
 
+class StorageError(OneLine):
+    """The storage root's backend refused (no credentials, no such bucket, access denied);
+    names the root and the backend's reason."""
+
+
+# modules whose exceptions are a storage backend's, not ours: fsspec's object stores and their clients
+BACKENDS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google", "adlfs", "azure", "fsspec", "aiohttp")
+
+
+def backend_failure(e: BaseException) -> BaseException | None:
+    """The storage backend's exception in `e` or its causes, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.split(".")[0] in BACKENDS:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 class OptionError(PixelsimError, ValueError):
     """An option value that cannot work; names the option (a usage error: exit status 2)."""

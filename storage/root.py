@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pixelsim.storage.errors import IntegrityError, NotPublished
+from pixelsim.storage.errors import IntegrityError, NotPublished, StorageError, backend_failure
 from pixelsim.storage.faults import publishing
 
 # What the disk says when it cannot take more (full, over quota, over a file size limit,
@@ -73,6 +73,9 @@ def seal_ok(body: Any) -> bool:
     return isinstance(body, dict) and body.get("digest") == digest_json({k: v for k, v in body.items() if k != "digest"})
 
 
+_BUCKET_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}   # roots whose first component is a bucket
+
+
 class Root:
     """A storage root URL (local folder by default, any fsspec URL otherwise)."""
 
@@ -84,9 +87,24 @@ class Root:
 
     def ensure(self) -> None:
         """Create a local root now, so that an unusable one (a file, no permission, a read-only
-        disk) fails before any work, naming itself; an object store needs nothing."""
+        disk) fails before any work, naming itself; an object store is asked for its root once,
+        so that missing credentials or an unknown bucket fail the same way."""
         if self.local:
             os.makedirs(self.base, exist_ok=True)
+            return
+        from pixelsim.storage.fetch import redact   # fetch imports this module
+        protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
+        bucket = self.base.split("/")[0] if protocols & _BUCKET_STORES else ""
+        try:
+            missing = not self.fs.exists(self.base) and bool(bucket) and not self.fs.exists(bucket)
+        except Exception as e:  # noqa: BLE001 - a backend's errors have no common base
+            if isinstance(e, OSError) and not backend_failure(e):
+                raise
+            raise StorageError(f"--root {redact(self.url)}: the storage backend refused: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from None
+        if missing:
+            raise StorageError(f"--root {redact(self.url)}: there is no bucket {bucket} (or these credentials "
+                               "cannot see it): create it first")
 
     # -- paths -----------------------------------------------------------------
     def skip(self) -> tuple[str, ...]:

@@ -137,3 +137,23 @@ def test_a_grown_archive_reuses_shards_on_s3(s3, folder, tmp_path, monkeypatch):
     assert grown.report["metrics"] == scratch.report["metrics"]
     keys = objects(fs, f"grown/{grown.outputs.shards.dir}")
     assert "_plan/members.parquet" in keys and not [k for k in keys if ".tmp-" in k or "_parts/" in k]
+
+
+def test_an_object_store_root_without_credentials_is_one_line_in_every_command(cli, s3):
+    """botocore's errors are not OSErrors: unwrapped, each command ended in a traceback, and
+    `run` started Prefect first. Now `run` fails before Prefect starts, naming the root."""
+    env, _ = s3
+    anonymous = {**env, "AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_SESSION_TOKEN": ""}
+    root = f"s3://{BUCKET}/nobody"
+    for command in (["run", "--source", str(TINY)], ["show"], ["runs"], ["diff"]):
+        r = cli(*command, "--root", root, env=anonymous)
+        assert r.code == 1, (command, r.stderr)
+        last = r.stderr.strip().splitlines()
+        assert len(last) == 1 and "Traceback" not in r.stderr, (command, r.stderr)
+        assert last[0].startswith("pixelsim: error: ") and root in last[0] and "NoCredentialsError" in last[0]
+        if command[0] == "run":
+            assert last[0].startswith(f"pixelsim: error: --root {root}: the storage backend refused")
+    missing = cli("run", "--source", str(TINY), "--root", "s3://no-such-bucket/r", env=env)
+    assert missing.code == 1 and missing.stderr.strip().splitlines() == [
+        "pixelsim: error: --root s3://no-such-bucket/r: there is no bucket no-such-bucket (or these credentials "
+        "cannot see it): create it first"]
