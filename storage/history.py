@@ -123,6 +123,7 @@ def append_run(root: Root, rows: list[dict]) -> str:
     return rel
 
 
+MAX_FILE_BYTES = 64 << 20   # one run's rows: a few KB, or a few MB for thousands of classes
 SEAL = b"pixelsim.rows_sha256"   # schema metadata: the digest of the file's rows, as they read back
 
 
@@ -147,14 +148,14 @@ def _read(root: Root, path: str) -> pa.Table | None:
     check out (a damaged, foreign or older file must not hide every other run, nor show as
     figures): its schema must be SCHEMA and its rows must match their seal."""
     try:
-        with root.fs.open(path, "rb") as f:
-            table = _parquet_table(f.read())
+        rel = path[len(root.base) + 1:] if path.startswith(root.base + "/") else path
+        table = _parquet_table(root.read_bytes(rel, limit=MAX_FILE_BYTES))   # a FIFO or /dev/zero: damage
         if not table.schema.remove_metadata().equals(SCHEMA):
             raise ValueError("not a history file of this pixelsim (other columns or types)")
         if (table.schema.metadata or {}).get(SEAL, b"").decode("ascii", "replace") != table_digest(table):
             raise ValueError("its rows do not match their seal (altered, or written by an older pixelsim)")
         return table.replace_schema_metadata(None)
-    except (OSError, ValueError, pa.ArrowException) as e:
+    except (OSError, ValueError, pa.ArrowException, IntegrityError) as e:
         if path not in _warned:   # once per process, however often the history is read
             _warned.add(path)
             logging.getLogger("pixelsim").warning("history file %s skipped: unreadable (%s)", path, e)

@@ -124,10 +124,16 @@ class Root:
         return self.fs.exists(self.path(rel))
 
     # -- files -----------------------------------------------------------------
-    def read_bytes(self, rel: str) -> bytes:
+    def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
+        """The whole file; with `limit`, an IntegrityError instead for a file over that many
+        bytes (a small record that has grown huge is damage, never read whole)."""
         if self.local:  # the hot path of convert: fsspec costs more than the decode here
             with open(self.regular(rel), "rb") as f:
+                if limit is not None and os.fstat(f.fileno()).st_size > limit:
+                    raise IntegrityError(f"{self.uri(rel)}: over {limit} bytes, more than it can hold")
                 return f.read()
+        if limit is not None and self.fs.size(self.path(rel)) > limit:
+            raise IntegrityError(f"{self.uri(rel)}: over {limit} bytes, more than it can hold")
         return self.fs.cat_file(self.path(rel))
 
     def regular(self, rel: str) -> str:

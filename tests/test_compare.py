@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -99,6 +100,28 @@ def test_an_unreadable_history_file_is_skipped_with_a_warning_not_fatal(history,
         p = pixelsim_cli(copy, *args)
         assert p.returncode == 0, (args, p.stderr)
         assert "garbage.parquet skipped: unreadable" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+    assert len(json.loads(pixelsim_cli(copy, "runs", "--json").stdout)) == 3
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "huge"])
+def test_a_history_file_that_is_a_fifo_an_endless_device_or_huge_is_skipped_without_hanging(history, tmp_path, kind):
+    """Read whole, a FIFO in history/ blocked every command for ever and a link to /dev/zero
+    filled memory; a run's rows are a few KB, so more than 64 MiB is damage too."""
+    root = tmp_path / "copy"
+    shutil.copytree(history["root"], root)
+    bad = root / "history" / "20990101T000000.000000Z-bad.parquet"
+    if kind == "fifo":
+        os.mkfifo(bad)
+    elif kind == "dev-zero":
+        bad.symlink_to("/dev/zero")
+    else:
+        with open(bad, "wb") as f:
+            f.truncate(65 << 20)   # sparse: no disk used
+    copy = {**history, "root": str(root)}
+    for args in (["runs", "--json"], ["show", "--json"], ["diff", "--json"]):
+        p = pixelsim_cli(copy, *args)   # its own timeout: 60 s
+        assert p.returncode == 0, (args, p.stderr)
+        assert "bad.parquet skipped: unreadable" in p.stderr and p.stderr.count("\n") == 1, p.stderr
     assert len(json.loads(pixelsim_cli(copy, "runs", "--json").stdout)) == 3
 
 
