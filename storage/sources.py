@@ -36,8 +36,12 @@ def fingerprint(url: str, timeout: float = 5.0, skip: tuple[str, ...] = ()) -> d
         return {k: h.get(k) for k in ("etag", "last-modified", "content-length") if h.get(k)}
     if os.path.isdir(url):
         # a folder changes when any file below it does: list them all (stat only)
-        listing = [(rel, st.st_size, st.st_mtime_ns) for rel, _, st in folder_files(url, skip)]
+        listing = [(rel, *_version(st)) for rel, _, st in folder_files(url, skip)]
         return {"folder": digest_json(listing), "files": len(listing)}
+    local = url.removeprefix("file://") if "://" not in url or url.startswith("file://") else None
+    if local is not None and os.path.isfile(local):
+        st = os.stat(local)
+        return dict(zip(("size", "mtime", "ino", "ctime"), map(str, _version(st))))
     try:
         fs, path = fsspec.core.url_to_fs(url)
         info = fs.info(path)
@@ -47,6 +51,13 @@ def fingerprint(url: str, timeout: float = 5.0, skip: tuple[str, ...] = ()) -> d
         raise DownloadError(redact(url), f"unreachable: {_cause(e, url)}") from None
     keep = ("size", "mtime", "ETag", "etag", "LastModified", "last_modified", "checksum", "md5")
     return {k: str(info[k]) for k in keep if info.get(k) is not None}
+
+
+def _version(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a local file's bytes may have: besides its size and mtime (which
+    `cp -p`, `rsync -t`, tar and unzip carry over from the old file, and `touch -d` sets), its
+    inode and ctime, which every write, copy or rename into place gives anew."""
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def identifies(url: str, found: dict) -> bool:

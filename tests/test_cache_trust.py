@@ -185,12 +185,14 @@ def _replace(path: Path) -> Path:
     return path
 
 
-def swapped_tiny(dest: Path) -> Path:
-    """mnist_tiny with its 3s and 7s folders exchanged: other bytes, mirrored figures."""
-    with tarfile.open(TINY) as src, tarfile.open(dest, "w:gz") as out:
+def swapped_tiny(dest: Path, swap: bool = True) -> Path:
+    """mnist_tiny with its 3s and 7s folders exchanged: other bytes, mirrored figures (a plain
+    tar for a .tar `dest`: then the same size as the unswapped one, `swap=False`)."""
+    with tarfile.open(TINY) as src, tarfile.open(dest, "w" if dest.suffix == ".tar" else "w:gz") as out:
         for m in src:
             data = src.extractfile(m).read() if m.isfile() else None
-            m.name = m.name.replace("/3/", "/\0/").replace("/7/", "/3/").replace("/\0/", "/7/")
+            if swap:
+                m.name = m.name.replace("/3/", "/\0/").replace("/7/", "/3/").replace("/\0/", "/7/")
             out.addfile(m, io.BytesIO(data) if data is not None else None)
     return dest
 
@@ -247,3 +249,16 @@ def test_a_cached_download_is_trusted_only_on_a_fingerprint_that_names_a_version
     assert not identifies(plain, {"status": 405}) and not identifies(plain, {}) and not identifies(plain, {"content-length": "9"})
     assert identifies(signed, {"etag": '"1"'}) and not identifies(signed, {"last-modified": "Tue"})
     assert not identifies("https://user:pw@h/d.tgz", {"last-modified": "Tue"})
+
+
+def test_a_local_source_replaced_by_other_bytes_of_the_same_size_and_mtime_is_read_again(tmp_path):
+    """`cp -p`, `rsync -t` and unpacking keep a file's mtime; with the same size as well, the
+    source's fingerprint was unchanged and the old archive's figures came back, exit 0."""
+    tiny, swapped = swapped_tiny(tmp_path / "t.tar", swap=False), swapped_tiny(tmp_path / "s.tar")
+    assert tiny.stat().st_size == swapped.stat().st_size and tiny.read_bytes() != swapped.read_bytes()
+    mirrored = {m: {"3": f["7"], "7": f["3"], "balanced": f["balanced"]} for m, f in TINY_FIGURES.items()}
+    data, root = tmp_path / "data.tar", str(tmp_path / "root")
+    for source, figures in ((tiny, TINY_FIGURES), (swapped, mirrored), (tiny, TINY_FIGURES)):
+        shutil.copyfile(source, data)
+        os.utime(data, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))   # as cp -p would leave it
+        assert_figures(pixelsim.run(source=str(data), root=root, dataset="local").report, figures)
