@@ -37,6 +37,16 @@ def _positive(text: str) -> int:
     return n
 
 
+def _workers(text: str) -> int:
+    """At most 4 per core: a local dask cluster starts every worker process at once (about
+    100 MB each), so a typo's thousands would exhaust memory before any work."""
+    n, most = _positive(text), 4 * (os.cpu_count() or 1)
+    if n > most:
+        raise argparse.ArgumentTypeError(f"{n} is more than 4 per core on this machine ({most}); "
+                                         "a cluster of your own takes --dask-address")
+    return n
+
+
 def _port(text: str) -> int:
     n = _positive(text)
     if n > 65535:
@@ -150,7 +160,8 @@ def run_options(run: argparse.ArgumentParser) -> None:
                      help="leave out at most N unreadable images (listed in the report) instead of failing")
     run.add_argument("--task-runner", choices=["thread", "process", "dask"], default="thread",
                      help="where mapped steps (convert, evaluate) run")
-    run.add_argument("--workers", type=_positive, help="parallel workers for the task runner (default: CPU count)")
+    run.add_argument("--workers", type=_workers,
+                     help="parallel workers for the task runner (default: CPU count; at most 4 per core)")
     run.add_argument("--dask-address", help="scheduler address of an existing Dask cluster (with --task-runner dask)")
 
 

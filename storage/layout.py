@@ -76,6 +76,11 @@ def _same_split(name: str, where: str) -> str:
             "are made of would overstate the accuracy: name another folder")
 
 
+def shown_name(name: str) -> str:
+    """A name as its code points say it: "e\\u0301" for a decomposed é, which looks the same."""
+    return '"' + name.encode("ascii", "backslashreplace").decode("ascii") + '"'
+
+
 def _listed(items: list[str], say, more: str) -> list[str]:
     """Notes for the first MAX_NAMED items, then one counting the rest: an archive of a
     million stray files gets a few lines, not a million."""
@@ -153,8 +158,15 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
     valid_classes = [c for c in _class_folders(dirs, join(base, valid)) if images(valid, c)]
     missing = [c for c in valid_classes if c not in train_classes and not classes]
     if missing:
-        raise LayoutError(f"validation class folder(s) {', '.join(join(base, valid, c) + '/' for c in missing)} "
-                          f"have no training images, so no template")
+        import unicodedata
+        folded = {unicodedata.normalize("NFC", c).casefold(): c for c in train_classes}
+        twins = [(c, folded[k]) for c in missing if (k := unicodedata.normalize("NFC", c).casefold()) in folded]
+        hint = "".join(f"; {shown_name(c)} differs from the training class {shown_name(t)} only in "
+                       + ("Unicode form (NFC/NFD: rename one)" if c.casefold() != t.casefold() else "case")
+                       for c, t in twins[:MAX_NAMED])
+        raise LayoutError(f"validation class folder(s) {', '.join(join(base, valid, c) + '/' for c in missing[:MAX_NAMED])}"
+                          + (f" and {len(missing) - MAX_NAMED} more" if len(missing) > MAX_NAMED else "")
+                          + f" have no training images, so no template{hint}")
     notes += _listed(files.get(base, []), lambda name: f"file {name} beside the split folders ignored",
                      "file(s) beside the split folders ignored")
     notes += _listed(files.get(join(base, train), []) + files.get(join(base, valid), []),

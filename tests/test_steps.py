@@ -119,6 +119,18 @@ def test_a_second_tree_with_splits_of_its_own_is_named_in_the_notes_not_skipped_
     assert "... and 7 more file(s) beside the class folders ignored" in strays
 
 
+def test_a_validation_class_that_differs_from_a_training_class_only_in_unicode_form_or_case_is_named_so():
+    """The two look alike on screen: the error says how they differ, by code point."""
+    import unicodedata
+    nfc, nfd = unicodedata.normalize("NFC", "é"), unicodedata.normalize("NFD", "é")
+    with pytest.raises(LayoutError) as e:
+        find_layout([f"d/train/{nfc}/x.png", "d/train/7/y.png", f"d/valid/{nfd}/z.png", "d/valid/7/w.png"])
+    assert str(e.value).endswith('; "e\\u0301" differs from the training class "\\xe9" only in Unicode form (NFC/NFD: '
+                                 'rename one)')
+    with pytest.raises(LayoutError, match='"cat" differs from the training class "Cat" only in case'):
+        find_layout(["d/train/Cat/x.png", "d/train/7/y.png", "d/valid/cat/z.png", "d/valid/7/w.png"])
+
+
 def test_names_equal_by_number_have_one_order_in_every_process():
     """Class folders "3", "03" and "003" tie by number: their text decides, not the hash seed of
     the process (a set's order), so reruns find the same classes, labels and cache keys."""
