@@ -335,6 +335,11 @@ def _http_exchange(client: httpx.Client, url: str, part: _Part, pins: Pins, cap:
                 raise _Retry(shown, "HTTP 416 on resume; restarting from zero")
             if status not in (200, 206):
                 raise DownloadError(shown, f"HTTP {status} {r.reason_phrase}")
+            encoding = r.headers.get("content-encoding", "").strip().lower()
+            if encoding not in ("", "identity"):   # its bytes are an encoding of the file, not the file
+                raise DownloadError(shown, f"the server sent it with Content-Encoding: {encoding[:40]} though "
+                                           "identity was asked for, so its bytes are not the file's; fetch it from a "
+                                           "server that sends the file as it is")
             length = r.headers.get("content-length", "")
             length_n = int(length) if length.isdigit() else None
             rng = _content_range(r.headers.get("content-range"))

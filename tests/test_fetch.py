@@ -310,6 +310,21 @@ def test_an_archive_served_as_text_html_is_judged_by_its_bytes(server: Server, t
     assert got.sha256 == SHA and (tmp_path / "d").read_bytes() == DATA
 
 
+def test_an_archive_sent_content_encoded_though_identity_was_asked_is_one_line(server: Server, tmp_path: Path,
+                                                                                sleeps: list[float]) -> None:
+    """Stored as sent, a gzip-encoded .tgz failed later as a corrupt archive, with advice to
+    --refresh that could never help. The encoding is named, once, and nothing is kept."""
+    import gzip
+    server.behaviour = lambda h, i: h.reply(200, gzip.compress(DATA), {"Content-Encoding": "gzip"})
+    with pytest.raises(DownloadError, match="Content-Encoding: gzip though identity was asked for") as err:
+        run(server.url("/mnist.tgz"), tmp_path / "d", sleeps)
+    assert not isinstance(err.value, TransientDownloadError)
+    assert len(server.requests) == 1 and leftovers(tmp_path) == []
+    assert server.requests[0][1].get("Accept-Encoding") == "identity"
+    server.behaviour = lambda h, i: h.reply(200, DATA, {"Content-Encoding": "identity"})
+    assert run(server.url("/mnist.tgz"), tmp_path / "d", sleeps, pins=PINS).sha256 == SHA
+
+
 def test_html_is_fine_when_no_archive_expected(server: Server, tmp_path: Path, sleeps: list[float]) -> None:
     server.behaviour = lambda h, i: h.reply(200, b"<html></html>", {"Content-Type": "text/html"})
     assert run(server.url("/index.html"), tmp_path / "d", sleeps).size == 13
