@@ -1026,19 +1026,31 @@ def folder_files(folder: str, skip: tuple[str, ...] = ()) -> Iterator[tuple[str,
             yield os.path.relpath(full, folder).replace(os.sep, "/"), full, os.lstat(full)
 
 
-def pack_folder(folder: str | os.PathLike, dest: str | os.PathLike, skip: tuple[str, ...] = ()) -> None:
+def pack_folder(folder: str | os.PathLike, dest: str | os.PathLike, skip: tuple[str, ...] = (), *,
+                caps: Caps = Caps(), max_bytes: int | None = None) -> None:
     """Tar an already-extracted folder deterministically, so it flows through the same
     verified, content-addressed path as a downloaded archive (and edits to the folder
     after the run cannot change what was converted).
 
-    Only regular files and folders are taken; a symlink or special file is refused.
+    Only regular files and folders are taken; a symlink or special file is refused. The
+    archive caps (and `max_bytes`, the tar's size) hold before a file is written, not after
+    the copy: a folder with a huge file in it costs a stat, not its size on disk twice.
     """
     folder = os.fspath(folder)
     top = os.path.basename(os.path.normpath(folder)) or "data"
+    limit = min(caps.max_total_bytes, max_bytes) if max_bytes is not None else caps.max_total_bytes
+    total = count = 0
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tf:
         for rel, full, st in folder_files(folder, skip):
             if not stat.S_ISREG(st.st_mode):
                 raise ArchiveError(f"{full}: not a regular file (symlinks and special files are refused)")
+            count, total = count + 1, total + -(-st.st_size // 512) * 512 + 3 * 512   # data, header, pax header
+            if st.st_size > caps.max_member_bytes:
+                raise ArchiveError(f"{full}: {st.st_size} bytes is over the {caps.max_member_bytes}-byte member cap "
+                                   "of a source: move it out of the folder")
+            if total > limit or count > caps.max_members:
+                raise ArchiveError(f"{folder}: a folder source of more than {limit} bytes or {caps.max_members} "
+                                   f"files (at {full}): the ceiling of an unpinned source is $PIXELSIM_MAX_DOWNLOAD_BYTES")
             info = tarfile.TarInfo(f"{top}/{rel}")
             info.size, info.mode, info.mtime = st.st_size, 0o644, 0
             with open(full, "rb") as f:

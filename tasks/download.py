@@ -12,7 +12,7 @@ from pixelsim.storage import catalog
 from pixelsim.storage.archive import pack_folder
 from pixelsim.storage.cache import Outcome, reuse_or_build
 from pixelsim.storage.errors import DownloadError
-from pixelsim.storage.fetch import Fetched, Pins, fetch, redact
+from pixelsim.storage.fetch import Fetched, Pins, fetch, max_bytes, redact
 from pixelsim.storage.root import MANIFEST, Root
 from pixelsim.tasks.contracts import Archive
 
@@ -92,7 +92,7 @@ def download_archive(url: str, root: str, pins: dict | None = None, attempts: in
 
 def _pack(folder: str, dest: str, pins: Pins, skip: tuple[str, ...] = ()) -> Fetched:
     """An extracted local folder becomes a deterministic tar, then is checked like a download."""
-    pack_folder(folder, dest + ".packed", skip)
+    pack_folder(folder, dest + ".packed", skip, max_bytes=pins.size or max_bytes())
     try:
         return fetch(dest + ".packed", dest, pins=pins, attempts=1)
     finally:

@@ -53,3 +53,24 @@ def test_a_run_over_the_memory_limit_stops_before_convert(tmp_path, monkeypatch)
     with pytest.raises(OptionError, match="need about 0.5 GiB of memory"):
         plain_pipeline(str(tmp_path / "root"))
     assert not (tmp_path / "root" / "shards").exists()
+
+
+def test_a_folder_source_is_held_to_the_caps_before_it_is_copied(folder, tmp_path, monkeypatch):
+    """The folder was tarred whole into the root, then copied again, before any bound held: a
+    300 MB file over a 10 MB ceiling wrote 301 MB, a 1.1 GiB one 2.2 GB (then the member cap)."""
+    import pixelsim
+    from pixelsim.storage.errors import ArchiveError
+
+    root = tmp_path / "root"
+    with open(folder / "video.bin", "wb") as f:
+        f.truncate(300 << 20)   # sparse: no disk used by the source itself
+    monkeypatch.setenv("PIXELSIM_MAX_DOWNLOAD_BYTES", str(10 << 20))
+    with pytest.raises(ArchiveError, match=r"a folder source of more than 10485760 bytes .* \(at .*video.bin\)"):
+        pixelsim.run(source=str(folder), root=str(root))
+    monkeypatch.delenv("PIXELSIM_MAX_DOWNLOAD_BYTES")
+    with open(folder / "video.bin", "wb") as f:
+        f.truncate((1 << 30) + 1)
+    with pytest.raises(ArchiveError, match=r"video.bin: 1073741825 bytes is over the 1073741824-byte member cap"):
+        pixelsim.run(source=str(folder), root=str(root))
+    written = sum(p.stat().st_blocks * 512 for p in root.rglob("*") if p.is_file())
+    assert written < 1 << 20, written
