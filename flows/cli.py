@@ -47,6 +47,14 @@ def _workers(text: str) -> int:
     return n
 
 
+def _deployment_name(text: str) -> str:
+    """Prefect names a deployment <flow>/<name>: a slash in the name cannot be looked up again."""
+    name = text.strip()
+    if not name or "/" in name or not name.isprintable() or len(name) > 100:
+        raise argparse.ArgumentTypeError(f"{text!r}: a deployment name is 1 to 100 printable characters, no '/'")
+    return name
+
+
 def _port(text: str) -> int:
     n = _positive(text)
     if n > 65535:
@@ -178,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the flow on a cron schedule from this process "
                            "(needs a Prefect server: PREFECT_API_URL)", formatter_class=fmt)
     serve.add_argument("--cron", type=_cron, required=True, help="when to run, in UTC, e.g. '0 2 * * *'")
-    serve.add_argument("--name", help="deployment name (default: the dataset's name)")
+    serve.add_argument("--name", type=_deployment_name, help="deployment name (default: the dataset's name)")
     run_options(serve)
     datasets = sub.add_parser("datasets", help="list the named datasets, and which work offline")
     datasets.add_argument("--root", default=default_root(), help="storage root to look in")

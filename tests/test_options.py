@@ -137,6 +137,9 @@ def test_version_is_the_installed_one(tmp_path):
     (["run", "--source", "/nowhere/x.tgz"], "--source /nowhere/x.tgz: no such file or folder", 2),
     (["run", "--source", "/dev/zero"], "--source /dev/zero: not a regular file or folder", 2),
     (["run", "--workers", "0"], "argument --workers: expected a whole number of at least 1, got '0'", 2),
+    (["serve", "--cron", "0 2 * * *", "--name", "a/b"], "argument --name: 'a/b': a deployment name is 1 to 100 "
+     "printable characters, no '/'", 2),
+    (["serve", "--cron", "0 2 * * *", "--name", " "], "argument --name: ' ': a deployment name", 2),
     (["run", "--workers", "99999999999999999999"], f"argument --workers: 99999999999999999999 is more than 4 per core "
      f"on this machine ({4 * (os.cpu_count() or 1)})", 2),
     (["run", "--shard-sise", "3"], "unrecognized arguments: --shard-sise 3 (did you mean --shard-size?)", 2),
