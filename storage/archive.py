@@ -91,6 +91,9 @@ def _guard(archive: str, fn: Callable[..., Any], *args: Any) -> Any:
     """Call a reading function, reporting decode failures as one ArchiveError."""
     try:
         return fn(*args)
+    except NotImplementedError as e:   # zipfile: a compression method it lacks (Deflate64, ...)
+        raise ArchiveError(f"{archive}: uses a feature this reader does not support ({e}); repack it as "
+                           "a plain zip (deflate) or a .tar.gz") from e
     except _READ_ERRORS as e:
         raise CorruptArchive(f"{archive}: corrupt or truncated archive: {e}") from e
 

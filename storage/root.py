@@ -81,7 +81,12 @@ class Root:
 
     def __init__(self, url: str, storage_options: dict | None = None):
         self.url = url
-        self.fs, base = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        try:
+            self.fs, base = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        except Exception as e:  # noqa: BLE001 - unknown protocols, missing backends, chained URLs of bad archives
+            from pixelsim.storage.fetch import redact   # fetch imports this module
+            raise StorageError(f"--root {redact(url)}: not a usable storage root: {type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from None
         self.local = isinstance(self.fs, LocalFileSystem)
         self.base = os.path.abspath(base) if self.local else base.rstrip("/")
 

@@ -28,7 +28,7 @@ from pixelsim.storage.archive import (
     pack,
     read_index,
 )
-from pixelsim.storage.errors import ArchiveError
+from pixelsim.storage.errors import ArchiveError, CorruptArchive
 
 MNIST_TINY = Path(__file__).parent / "data" / "mnist_tiny.tgz"
 UMASK = os.umask(0)
@@ -945,3 +945,25 @@ def test_the_blob_writer_keeps_no_read_buffer_alive(tmp_path: Path) -> None:
         assert sys.getrefcount(buf) == before and len(sink.parts) == 100
         sink.close()
     assert (tmp_path / "blob").read_bytes() == b"".join(buf[i:i + 3] for i in range(100))
+
+
+def test_a_zip_member_in_a_compression_method_the_reader_lacks_is_named_not_called_corrupt(tmp_path):
+    """Windows writes Deflate64 (method 9) for large files: not damage, so not "corrupt or
+    truncated" with advice to fetch it again, but what it is and what to do."""
+    import struct
+    import zipfile
+
+    from pixelsim.storage.archive import pack
+
+    path = tmp_path / "d64.zip"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("ds/train/3/a.png", b"x" * 100)
+    data = bytearray(path.read_bytes())
+    for sig, at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):   # the method field of the local and central headers
+        i = data.index(sig)
+        data[i + at:i + at + 2] = struct.pack("<H", 9)
+    path.write_bytes(bytes(data))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ArchiveError, match="uses a feature this reader does not support") as e:
+        pack(path, tmp_path / "out")
+    assert not isinstance(e.value, CorruptArchive) and "repack it" in str(e.value)

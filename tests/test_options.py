@@ -144,6 +144,9 @@ def test_version_is_the_installed_one(tmp_path):
      f"on this machine ({4 * (os.cpu_count() or 1)})", 2),
     (["run", "--shard-sise", "3"], "unrecognized arguments: --shard-sise 3 (did you mean --shard-size?)", 2),
     (["rn"], "invalid choice: 'rn'", 2),
+    (["show", "--root", "foo://x"], "pixelsim: error: --root foo://x: not a usable storage root: ValueError: "
+     "Protocol not known: foo", 1),
+    (["runs", "--root", f"zip://x::{TINY}"], "not a usable storage root: BadZipFile: File is not a zip file", 1),
     (["run", "--device", "tpu9"], "--device tpu9: ", 1),
     (["run", "--task-runner", "dask", "--dask-address", "garbage!!"], "--dask-address 'garbage!!': ", 2),
     (["run", "--dask-address", "127.0.0.1:8786"], "--dask-address needs --task-runner dask", 2),
