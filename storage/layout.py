@@ -167,6 +167,11 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
         raise LayoutError(f"validation class folder(s) {', '.join(join(base, valid, c) + '/' for c in missing[:MAX_NAMED])}"
                           + (f" and {len(missing) - MAX_NAMED} more" if len(missing) > MAX_NAMED else "")
                           + f" have no training images, so no template{hint}")
+    # a dot-folder where a class would be is skipped like every hidden file: said, since it may be a class
+    hidden = sorted({d for d in folders for split in (train, valid)
+                     if posixpath.dirname(d) == join(base, split) and posixpath.basename(d).startswith(".")})
+    notes += _listed(hidden, lambda d: f"folder {d}/ ignored: its name starts with a dot (hidden); rename it if it "
+                     "is a class", "hidden folder(s) ignored")
     notes += _listed(files.get(base, []), lambda name: f"file {name} beside the split folders ignored",
                      "file(s) beside the split folders ignored")
     notes += _listed(files.get(join(base, train), []) + files.get(join(base, valid), []),

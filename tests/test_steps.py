@@ -113,6 +113,10 @@ def test_a_second_tree_with_splits_of_its_own_is_named_in_the_notes_not_skipped_
     assert "only a/ (the shallowest, first by name) is read" in named[0]
     assert lay.notes[-1] == "... and 1 more such folder(s) ignored"   # c/deep, the deepest
     assert not [n for n in find_layout(tree + ["a/train/3/train/q.png"]).notes if "of its own" in n]
+    # a dot-folder in a class's place is hidden like any dotfile, and said: it may be a class
+    dotted = find_layout(tree + ["a/train/.ipynb_checkpoints/x.png"], folders=["a/train/.ipynb_checkpoints"]).notes
+    assert "folder a/train/.ipynb_checkpoints/ ignored: its name starts with a dot (hidden); rename it if it is a class" \
+        in dotted
     # however many strays of one kind, the notes name a few and count the rest
     strays = find_layout(tree + [f"a/train/stray{i}.txt" for i in range(12)]).notes
     assert len([n for n in strays if n.startswith("file stray")]) == 5
