@@ -261,48 +261,34 @@ def _main(argv: list[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except (PixelsimError, OSError) as e:
-        if args.verbose:
-            import traceback
-            traceback.print_exc()
-        print(f"pixelsim: error: {error_line(e)}", file=sys.stderr)
-        return 2 if isinstance(e, OptionError) else 1
+        return fail(args, error_line(e), 2 if isinstance(e, OptionError) else 1)
     except Exception as e:
-        from pixelsim.storage.errors import backend_failure
+        from pixelsim.storage.errors import backend_failure, first_line
         if (cause := backend_failure(e)) is not None:   # the root's object store, mid-run or in show/runs/diff
-            if args.verbose:
-                import traceback
-                traceback.print_exc()
-            root = getattr(args, "root", None)
-            print(f"pixelsim: error: the storage root {redact_url(root) if root else ''} refused: {type(cause).__name__}: "
-                  f"{str(cause).splitlines()[0] if str(cause) else 'no detail'} (check its credentials and bucket)",
-                  file=sys.stderr)
-            return 1
+            from pixelsim.storage.fetch import redact
+            return fail(args, f"the storage root {redact(args.root) if getattr(args, 'root', None) else ''} refused: "
+                              f"{first_line(cause)} (check its credentials and bucket)")
         if not api_failure(e):
             raise
-        if args.verbose:
-            import traceback
-            traceback.print_exc()
-        print(f"pixelsim: error: the Prefect API at {os.environ.get('PREFECT_API_URL', '?')} stopped answering "
-              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); what the run published "
-              "in the storage root is kept, and a rerun reuses it", file=sys.stderr)
-        return 1
+        return fail(args, f"the Prefect API at {os.environ.get('PREFECT_API_URL', '?')} stopped answering "
+                          f"({first_line(e)}); what the run published in the storage root is kept, and a rerun reuses it")
 
 
-def redact_url(url: str) -> str:
-    from pixelsim.storage.fetch import redact
-    return redact(url)
+def fail(args: argparse.Namespace, line: str, code: int = 1) -> int:
+    """One line on stderr (the traceback too under --verbose); the exit status."""
+    if args.verbose:
+        import traceback
+        traceback.print_exc()
+    print(f"pixelsim: error: {line}", file=sys.stderr)
+    return code
 
 
 def api_failure(e: BaseException) -> bool:
     """Whether an error (or one that caused it) is the Prefect API not answering: its HTTP
     client's errors, or Prefect's own "Failed to reach API"."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if type(e).__module__.split(".")[0] in ("httpx", "httpcore") or "Failed to reach API" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    from pixelsim.storage.errors import caused_by
+    return caused_by(e, lambda x: type(x).__module__.split(".")[0] in ("httpx", "httpcore")
+                     or "Failed to reach API" in str(x)) is not None
 
 
 def server_command(action: str, port: int | None) -> int:

@@ -19,7 +19,7 @@ from pixelsim.storage.fetch import redact
 from pixelsim.storage.history import record_run
 from pixelsim.storage.layout import Layout
 from pixelsim.storage.root import Root
-from pixelsim.storage.sources import fingerprint, identifies
+from pixelsim.storage.sources import fingerprint
 from pixelsim.tasks.contracts import Archive, Evaluation, Options, Report, Request, ShardSet, Templates, Tree
 from pixelsim.tasks.convert import convert_shard, finish_shards, plan_shards
 from pixelsim.tasks.download import download_archive, in_root
@@ -145,11 +145,7 @@ def fetch_source(run: Runner, request: Request) -> tuple[Archive, dict]:
                 fp = fingerprint(request.source, skip=Root(root).skip())
             except DownloadError as e:
                 run.log.warning("could not fingerprint %s (%s); downloading anyway", e.url, e.reason)
-        # a source whose fingerprint cannot tell one file from another is fetched again, never
-        # taken from the cache on the strength of its (masked) URL alone
-        again = {} if pins or identifies(request.source, fp) else {"refresh": True}
-        archive = run.step("download", download_archive, request.source, root, pins, 4, fp, offline=request.offline,
-                           **again)
+        archive = run.step("download", download_archive, request.source, root, pins, 4, fp, offline=request.offline)
         return archive, described(archive)
     if request.dataset not in DATASETS:
         raise PixelsimError(f"unknown dataset {request.dataset!r}: pass --source, or one of {', '.join(DATASETS)}")

@@ -4,6 +4,8 @@ Every message names the file, member or URL at fault so a user can act on it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 
 def shown(text: object) -> str:
     """Text from the data (member names, class folders) fit for a terminal or a log line: control
@@ -91,15 +93,26 @@ class StorageError(OneLine):
 BACKENDS = ("botocore", "aiobotocore", "boto3", "s3fs", "gcsfs", "google", "adlfs", "azure", "fsspec", "aiohttp")
 
 
-def backend_failure(e: BaseException) -> BaseException | None:
-    """The storage backend's exception in `e` or its causes, if any."""
+def caused_by(e: BaseException | None, test: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first of `e` and the errors that caused it (explicitly or while handling) that passes `test`."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if type(e).__module__.split(".")[0] in BACKENDS:
+        if test(e):
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def backend_failure(e: BaseException) -> BaseException | None:
+    """The storage backend's exception in `e` or its causes, if any."""
+    return caused_by(e, lambda x: type(x).__module__.split(".")[0] in BACKENDS)
+
+
+def first_line(e: BaseException) -> str:
+    """A foreign error in one line: its type and the first line of its message."""
+    text = str(e)
+    return f"{type(e).__name__}: {text.splitlines()[0] if text.strip() else 'no detail'}"
 
 
 class OptionError(PixelsimError, ValueError):

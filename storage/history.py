@@ -139,16 +139,14 @@ def _parquet_table(data: bytes) -> pa.Table:
 
 def history_files(root: Root) -> list[str]:
     """Published history files, oldest first (temporary `_tmp-*` files are not listed)."""
-    pattern = root.path(posixpath.join(HISTORY, "*.parquet"))
-    return sorted(p for p in root.fs.glob(pattern) if not posixpath.basename(p).startswith(("_", ".")))
+    return [p for p in root.glob(posixpath.join(HISTORY, "*.parquet")) if not posixpath.basename(p).startswith(("_", "."))]
 
 
-def _read(root: Root, path: str) -> pa.Table | None:
+def _read(root: Root, rel: str) -> pa.Table | None:
     """One run's rows; None, with a warning naming the file, when it cannot be read or does not
     check out (a damaged, foreign or older file must not hide every other run, nor show as
     figures): its schema must be SCHEMA and its rows must match their seal."""
     try:
-        rel = path[len(root.base) + 1:] if path.startswith(root.base + "/") else path
         table = _parquet_table(root.read_bytes(rel, limit=MAX_FILE_BYTES))   # a FIFO or /dev/zero: damage
         if not table.schema.remove_metadata().equals(SCHEMA):
             raise ValueError("not a history file of this pixelsim (other columns or types)")
@@ -156,9 +154,9 @@ def _read(root: Root, path: str) -> pa.Table | None:
             raise ValueError("its rows do not match their seal (altered, or written by an older pixelsim)")
         return table.replace_schema_metadata(None)
     except (OSError, ValueError, pa.ArrowException, IntegrityError) as e:
-        if path not in _warned:   # once per process, however often the history is read
-            _warned.add(path)
-            logging.getLogger("pixelsim").warning("history file %s skipped: unreadable (%s)", path, e)
+        if rel not in _warned:   # once per process, however often the history is read
+            _warned.add(rel)
+            logging.getLogger("pixelsim").warning("history file %s skipped: unreadable (%s)", root.uri(rel), e)
         return None
 
 
@@ -167,7 +165,7 @@ _warned: set[str] = set()
 
 def read_history(root: Root) -> pa.Table:
     """Every run's rows, oldest first; an empty table when nothing was recorded."""
-    tables = [t for t in (_read(root, path) for path in history_files(root)) if t is not None]
+    tables = [t for t in (_read(root, rel) for rel in history_files(root)) if t is not None]
     if not tables:
         return SCHEMA.empty_table()
     table = pa.concat_tables(tables, promote_options="default")
@@ -190,8 +188,8 @@ def recent_rows(root: Root, dataset: str, metric: str, runs: int) -> list[dict]:
     """The rows of the last `runs` runs of `dataset` with `metric`, oldest first, reading history
     files from the newest back until enough are found (not the whole history)."""
     found: list[dict] = []
-    for path in reversed(history_files(root)):
-        table = _read(root, path)
+    for rel in reversed(history_files(root)):
+        table = _read(root, rel)
         found += [r for r in as_rows(table) if r["dataset"] == dataset and r["metric"] == metric] if table else []
         if len(found) >= runs:
             break

@@ -21,7 +21,7 @@ from typing import Any, BinaryIO
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pixelsim.storage.errors import IntegrityError, NotPublished, StorageError, backend_failure
+from pixelsim.storage.errors import IntegrityError, NotPublished, StorageError, backend_failure, first_line
 from pixelsim.storage.faults import publishing
 
 # What the disk says when it cannot take more (full, over quota, over a file size limit,
@@ -76,6 +76,11 @@ def seal_ok(body: Any) -> bool:
 _BUCKET_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}   # roots whose first component is a bucket
 
 
+def _shown_url(url: str) -> str:
+    from pixelsim.storage.fetch import redact   # imported here: fetch brings httpx, which a root rarely needs
+    return redact(url)
+
+
 class Root:
     """A storage root URL (local folder by default, any fsspec URL otherwise)."""
 
@@ -84,9 +89,7 @@ class Root:
         try:
             self.fs, base = fsspec.core.url_to_fs(url, **(storage_options or {}))
         except Exception as e:  # noqa: BLE001 - unknown protocols, missing backends, chained URLs of bad archives
-            from pixelsim.storage.fetch import redact   # fetch imports this module
-            raise StorageError(f"--root {redact(url)}: not a usable storage root: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from None
+            raise StorageError(f"--root {_shown_url(url)}: not a usable storage root: {first_line(e)}") from None
         self.local = isinstance(self.fs, LocalFileSystem)
         self.base = os.path.abspath(base) if self.local else base.rstrip("/")
 
@@ -97,7 +100,6 @@ class Root:
         if self.local:
             os.makedirs(self.base, exist_ok=True)
             return
-        from pixelsim.storage.fetch import redact   # fetch imports this module
         protocols = {self.fs.protocol} if isinstance(self.fs.protocol, str) else set(self.fs.protocol)
         bucket = self.base.split("/")[0] if protocols & _BUCKET_STORES else ""
         try:
@@ -105,10 +107,9 @@ class Root:
         except Exception as e:  # noqa: BLE001 - a backend's errors have no common base
             if isinstance(e, OSError) and not backend_failure(e):
                 raise
-            raise StorageError(f"--root {redact(self.url)}: the storage backend refused: {type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else 'no detail'}") from None
+            raise StorageError(f"--root {_shown_url(self.url)}: the storage backend refused: {first_line(e)}") from None
         if missing:
-            raise StorageError(f"--root {redact(self.url)}: there is no bucket {bucket} (or these credentials "
+            raise StorageError(f"--root {_shown_url(self.url)}: there is no bucket {bucket} (or these credentials "
                                "cannot see it): create it first")
 
     # -- paths -----------------------------------------------------------------
@@ -132,13 +133,11 @@ class Root:
     def read_bytes(self, rel: str, limit: int | None = None) -> bytes:
         """The whole file; with `limit`, an IntegrityError instead for a file over that many
         bytes (a small record that has grown huge is damage, never read whole)."""
+        if limit is not None and (os.stat(self.regular(rel)).st_size if self.local else self.fs.size(self.path(rel))) > limit:
+            raise IntegrityError(f"{self.uri(rel)}: over {limit} bytes, more than it can hold")
         if self.local:  # the hot path of convert: fsspec costs more than the decode here
             with open(self.regular(rel), "rb") as f:
-                if limit is not None and os.fstat(f.fileno()).st_size > limit:
-                    raise IntegrityError(f"{self.uri(rel)}: over {limit} bytes, more than it can hold")
                 return f.read()
-        if limit is not None and self.fs.size(self.path(rel)) > limit:
-            raise IntegrityError(f"{self.uri(rel)}: over {limit} bytes, more than it can hold")
         return self.fs.cat_file(self.path(rel))
 
     def regular(self, rel: str) -> str:

@@ -163,11 +163,11 @@ def plan_rows(root: Root, rel: str, group: int, digest: str) -> pa.Table:
 
 def parse_members(data: bytes) -> pa.Table:
     """A MEMBERS file's (part, path, sha256), from its bytes (checked against its manifest by the caller)."""
-    f = pq.ParquetFile(pa.BufferReader(data))
+    # a part's name as a code (4 bytes a row, not a string of 30 each: a million rows' plan)
+    f = pq.ParquetFile(pa.BufferReader(data), read_dictionary=["part"])
     if f.schema_arrow.names != PLAN_SCHEMA.names:
         raise IntegrityError(f"{MEMBERS}: columns {f.schema_arrow.names}, expected {PLAN_SCHEMA.names}")
-    # a part's name as a code (4 bytes a row, not a string of 30 each: a million rows' plan)
-    return pq.ParquetFile(pa.BufferReader(data), read_dictionary=["part"]).read(columns=["part", "path", "sha256"])
+    return f.read(columns=["part", "path", "sha256"])
 
 
 def read_meta(root: Root, rel: str) -> dict:

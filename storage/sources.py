@@ -66,10 +66,7 @@ def identifies(url: str, found: dict) -> bool:
     (no ETag, modification time or checksum), and not without an ETag when the URL carries
     credentials or signed parameters: the cache key masks them (`?key=a` and `?key=b` would
     share it). Such a source is downloaded again each run; what follows is keyed by its bytes."""
-    if "folder" in found:
+    names = {k.lower().replace("_", "-") for k in found}
+    if "folder" in names or names & {"etag", "checksum", "md5"}:
         return True
-    versions = [k for k in found if k.lower() in ("etag", "checksum", "md5")]
-    if redact(url) != url:
-        return bool(versions)
-    return bool(versions or [k for k in found if k.lower() in ("last-modified", "mtime", "lastmodified", "last_modified")])
-
+    return redact(url) == url and bool(names & {"last-modified", "lastmodified", "mtime"})

@@ -26,7 +26,7 @@ SHARD_BYTES_ENV = "PIXELSIM_SHARD_BYTES"
 SHARD_BYTES = 256 << 20          # pixel bytes per shard, at most (one image always fits)
 MAX_MEMORY_ENV = "PIXELSIM_MAX_MEMORY"
 BASE = 512 << 20                 # the interpreter, torch and pyarrow
-PLAN = 400                       # bytes per member while convert plans (260 measured at 1M members)
+PLAN = 400                       # bytes per member while convert plans (bench: convert's peak RSS from 100k to 1M, ~165)
 
 
 def shard_bytes() -> int:

@@ -143,8 +143,7 @@ def assign(rows: pa.Table, role: str, earlier: Earlier | None, shard_size: int,
     # each row's earlier shard, as a code into the earlier set's part names: found by path (paths
     # are unique), kept only if the bytes are the same; integer codes, never a copy of the names
     part = earlier.members.column("part")
-    part = (part if pa.types.is_dictionary(part.type) else pc.dictionary_encode(part)).unify_dictionaries()
-    part = part.combine_chunks() if part.num_chunks != 1 else part.chunk(0)
+    part = (part if pa.types.is_dictionary(part.type) else pc.dictionary_encode(part)).unify_dictionaries().combine_chunks()
     names, codes = part.dictionary.to_pylist(), part.indices.to_numpy(zero_copy_only=False)
     at = pc.index_in(rows.column("path"), value_set=earlier.members.column("path"))
     same = pc.fill_null(pc.equal(earlier.members.column("sha256").take(at),

@@ -14,6 +14,7 @@ from pixelsim.storage.cache import Outcome, reuse_or_build
 from pixelsim.storage.errors import DownloadError
 from pixelsim.storage.fetch import Fetched, Pins, fetch, max_bytes, redact
 from pixelsim.storage.root import MANIFEST, Root
+from pixelsim.storage.sources import identifies
 from pixelsim.tasks.contracts import Archive
 
 VERSION = "3"
@@ -68,7 +69,10 @@ def download_archive(url: str, root: str, pins: dict | None = None, attempts: in
     shown = redact(url)
     rel = archive_dir(url, pins, fingerprint)
     remote = "://" in url and not url.startswith("file://")
-    refresh = refresh and not (offline and remote)
+    # unpinned, and a fingerprint that cannot tell one file from another: fetched again, never
+    # taken from the cache on the strength of its (masked) URL alone
+    refresh = (refresh or (not pins and fingerprint is not None and not identifies(url, fingerprint))) \
+        and not (offline and remote)
 
     def build() -> Archive:
         if offline and remote:
