@@ -12,6 +12,16 @@ TRAIN_NAMES = ("train", "training")
 VALID_NAMES = ("valid", "validation", "test", "testing")
 
 
+def split_folders(children: set[str], names: tuple[str, ...], asked: bool = False) -> list[str]:
+    """The folders among `children` that are split folders of these `names`, in the names'
+    order: a name asked for (--train-split) exactly; a usual name in any case as well (Train/,
+    VALID/), the exact spelling first."""
+    if asked:
+        return [n for n in names if n in children]
+    folded = sorted(children)
+    return [c for n in names for c in ([n] if n in children else []) + [c for c in folded if c != n and c.lower() == n]]
+
+
 _DIGITS = re.compile(r"(\d+)")
 # a shard's `label_index` column is int16 (storage/shards.py): a class beyond it has no label
 MAX_CLASSES = 2**15 - 1
@@ -100,20 +110,20 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
     train_names = (train_split,) if train_split else TRAIN_NAMES
     base = None
     for folder in sorted(dirs, key=lambda d: (d.count("/") + bool(d), d)):
-        if any(n in dirs[folder] for n in train_names):
+        if split_folders(dirs[folder], train_names, bool(train_split)):
             base = folder
             break
     if base is None:
         raise LayoutError(f"no training split folder found (looked for {', '.join(train_names)}/); "
                           "expected <split>/<class>/<image>, or pass --train-split")
     join = lambda *p: posixpath.join(*[x for x in p if x])  # noqa: E731
-    train = next(n for n in train_names if n in dirs[base])
+    train = split_folders(dirs[base], train_names, bool(train_split))[0]
     notes: list[str] = []
     if valid_split == train:
         raise LayoutError(_same_split(valid_split, join(base, train)))
     valid = None
-    for name in (valid_split,) if valid_split else VALID_NAMES:
-        if name not in dirs[base] or name == train:   # never evaluate on the images the templates are made of
+    for name in split_folders(dirs[base], (valid_split,) if valid_split else VALID_NAMES, bool(valid_split)):
+        if name == train:   # never evaluate on the images the templates are made of
             continue
         found = _class_folders(dirs, join(base, name))
         if found and any(under[join(base, name, c)] for c in found):
@@ -127,11 +137,11 @@ def find_layout(paths: list[str], *, folders: list[str] = (), train_split: str |
     if valid is None:
         wanted = valid_split or "/".join(VALID_NAMES)
         raise LayoutError(f"no labeled validation split folder ({wanted}) beside {join(base, train)}/")
-    notes += _listed(sorted(dirs[base] - {train, valid} - set(VALID_NAMES)),
+    notes += _listed(sorted(dirs[base] - {train, valid} - set(split_folders(dirs[base], VALID_NAMES))),
                      lambda d: f"folder {d}/ ignored: not a split", "folder(s) beside the splits ignored")
     # another tree with its own splits beside this one (a/train/ and b/train/): said, not merged
     rivals = sorted((d for d in dirs if d != base and not d.startswith(base + "/" if base else "")
-                     and any(n in dirs[d] for n in train_names)), key=lambda d: (d.count("/"), d))
+                     and split_folders(dirs[d], train_names, bool(train_split))), key=lambda d: (d.count("/"), d))
     notes += _listed(rivals, lambda d: f"folder {d}/ ignored: it holds a split folder of its own, but only "
                      f"{base or '.'}/ (the shallowest, first by name) is read; unpack the one you want on its own",
                      "such folder(s) ignored")
@@ -295,7 +305,8 @@ def check_names(folders: list[str], *, train_split: str | None = None, valid_spl
                            f"found {', '.join(sorted(names, key=natural_key)) or 'nothing'})")
 
     train_names = (train_split,) if train_split else TRAIN_NAMES
-    bases = [d for d in sorted(dirs, key=lambda d: (d.count("/") + bool(d), d)) if dirs[d] & set(train_names)]
+    bases = [d for d in sorted(dirs, key=lambda d: (d.count("/") + bool(d), d))
+             if split_folders(dirs[d], train_names, bool(train_split))]
     if not bases:
         if train_split:
             top = min(dirs, key=lambda d: (d.count("/") + bool(d), d), default="")
@@ -305,7 +316,7 @@ def check_names(folders: list[str], *, train_split: str | None = None, valid_spl
     base = bases[0]
     if valid_split and valid_split not in dirs[base]:
         raise unknown("--valid-split", valid_split, base, dirs[base])
-    train = next(n for n in train_names if n in dirs[base])
+    train = split_folders(dirs[base], train_names, bool(train_split))[0]
     if valid_split == train:
         raise LayoutError(_same_split(valid_split, join(base, train)))
     found = set(dirs.get(join(base, train), ()))

@@ -101,6 +101,20 @@ def test_layout_finds_splits_classes_and_notes():
     assert find_layout(paths, classes=["10", "2"]).classes == ["2", "10"]
 
 
+def test_usual_split_names_are_found_in_any_case_and_an_asked_name_exactly():
+    """Train/ and VALID/ (a Windows or macOS export) are the usual splits in another case: they
+    were "no training split folder found"; the exact spelling wins where both are there."""
+    paths = ["Train/3/a.png", "Train/7/b.png", "VALID/3/c.png", "VALID/7/d.png"]
+    lay = find_layout(paths)
+    assert (lay.train, lay.valid, lay.classes) == ("Train", "VALID", ["3", "7"])
+    assert split_files(paths, lay, lay.valid) == [("VALID/3/c.png", 0), ("VALID/7/d.png", 1)]
+    both = find_layout(paths + ["train/3/e.png", "train/7/f.png"])
+    assert both.train == "train" and any("Train/ ignored" in n for n in both.notes)
+    with pytest.raises(LayoutError, match="training split"):
+        find_layout(paths, train_split="train")   # a name asked for is a folder's exact name
+    assert find_layout(paths, train_split="Train").train == "Train"
+
+
 def test_a_second_tree_with_splits_of_its_own_is_named_in_the_notes_not_skipped_silently():
     """Two datasets in one archive (a/train, a/valid and b/train, b/valid): one is read, the
     notes name the other, so the figures never stand for a tree the user did not mean unsaid."""
